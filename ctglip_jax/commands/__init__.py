@@ -1,0 +1,1 @@
+"""Sub-commands of `ctglip`, discovered by `ctglip_jax.cli` (one module each)."""
