@@ -1,8 +1,9 @@
 """The `ctglip` command line: one sub-command per module in `ctglip_jax/commands/`.
 
 Each command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`, and imports
-its heavy dependencies (jax, tfds) inside `run`, so `ctglip --help` stays fast. Input problems raise
-`CTGlipInputError`: printed as one line on stderr, exit status 2, never a traceback.
+its heavy dependencies (jax, tfds) inside `run`, so `ctglip --help` stays fast. A module that sets
+`CONFIG_OVERRIDES = True` receives the `--config.field=value` arguments as `args.config_overrides`.
+Input problems raise `CTGlipInputError`: printed as one line on stderr, exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     for module in _command_modules():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.__doc__)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _overrides=getattr(module, "CONFIG_OVERRIDES", False))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not args._overrides or not all(e.startswith("--config.") and "=" in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.config_overrides = extra
     try:
         return int(args._run(args) or 0)
     except CTGlipInputError as e:
