@@ -1,0 +1,14 @@
+"""CT-GLIP (organ-text + abnormality-text with the abnormality dictionary) with the 3D CNN image tower.
+
+Launch (tiny CPU variant, a few minutes on 2 cores; builds the tiny synthetic dataset on first use):
+    ctglip train --config configs/ctglip_cnn.py:runlocal --workdir /tmp/ctglip_cnn
+Full run (medium synthetic data, or point data.dataset/config at your own ctglip_nifti build):
+    ctglip train --config configs/ctglip_cnn.py --workdir gs://bucket/ctglip_cnn
+Re-running the same command on the same workdir resumes.
+"""
+
+from ctglip_jax import config_defaults
+
+
+def get_config(arg=None):
+    return config_defaults.base(arg, tower="cnn", loss="ctglip")

@@ -1,0 +1,95 @@
+"""Shared defaults of the experiment configs in `configs/` (each file there calls `base`).
+
+Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the reference):
+- temperature: learnable, init 0.07, clamped to [0.001, 0.5] (losses.clamp_logit_scale);
+- HU window [-1150, 350] -> [0, 1]; organs with fewer than `min_organ_voxels` voxels in the crop are dropped;
+- loss weights: organ-text 1, abnormality-text 1 (equal: neither term is known to dominate);
+- prompts: "A CT image of the {organ}." for organ recognition;
+- text tower: MiniLM-L6 (the offline default), frozen and cached on the host; mean pooling;
+- AdamW, weight decay 0.05, linear warmup then cosine, global-norm clip 1.0.
+"""
+
+import ml_collections as mlc
+
+
+def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
+    """`tower` in {'vit', 'cnn'}; `loss` in {'ctglip', 'clip'}; arg 'runlocal' = tiny CPU variant."""
+    runlocal = arg == "runlocal"
+    c = mlc.ConfigDict()
+    c.seed = 0
+    c.total_steps = 30 if runlocal else 20_000
+    c.log_every = 5 if runlocal else 50
+    c.checkpoint_every = 10 if runlocal else 1000
+    c.keep_checkpoints = 3
+    c.debug_nan_step = -1  # tests inject a NaN loss at this step
+
+    c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
+    c.distributed = mlc.ConfigDict(
+        {"coordinator_address": "", "num_processes": 1, "process_id": 0, "auto": False}
+    )
+
+    c.data = mlc.ConfigDict(
+        dict(
+            dataset="ctglip_synthetic",
+            config="tiny" if runlocal else "medium",
+            split="train",
+            data_dir="",
+            batch_size=4 if runlocal else 32,
+            crop_shape=(32, 32, 48) if runlocal else (96, 96, 128),
+            num_slots=24 if runlocal else 48,
+            min_organ_voxels=8,
+            flip_axes=(),
+            hu_scale_jitter=0.05,
+            hu_shift_jitter=20.0,
+            window=(-1150.0, 350.0),
+            seed=0,
+            shuffle=True,
+            random_augment=True,
+            num_epochs=None,
+            worker_count=0,
+        )
+    )
+    # data_dir "" means the default ($CTGLIP_DATA_DIR or ~/tensorflow_datasets)
+
+    if tower == "vit":
+        image_tower = "vit3d_tiny" if runlocal else "vit3d_B"
+        image_kw = (
+            dict(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=(4, 4, 4))
+            if runlocal
+            else dict(patch_size=(16, 16, 16))
+        )
+    else:
+        image_tower = "unet3d_tiny" if runlocal else "unet3d_S"
+        image_kw = {}
+    c.model = mlc.ConfigDict(
+        dict(
+            image_tower=image_tower,
+            image_tower_kw=image_kw,
+            embed_dim=64 if runlocal else 512,
+            temperature_init=0.07,
+        )
+    )
+    c.text = mlc.ConfigDict(
+        dict(model_dir="", pooling="mean", max_length=64, batch_size=64, prompt="A CT image of the {organ}.")
+    )
+
+    c.loss = mlc.ConfigDict(
+        dict(kind="softmax", organ_text=1.0, abnormality=1.0, global_clip=0.0, use_dictionary=True)
+    )
+    if loss == "clip":
+        c.loss.update(organ_text=0.0, abnormality=0.0, global_clip=1.0, use_dictionary=False)
+
+    c.optim = mlc.ConfigDict(
+        dict(
+            lr=1e-3 if runlocal else 3e-4,
+            warmup_steps=3 if runlocal else 1000,
+            total_steps=c.total_steps,
+            wd=0.05,
+            clip_norm=1.0,
+            tower_lr_mult={},
+            frozen=[],
+            grad_accum_steps=1,
+        )
+    )
+    c.optim.total_steps = c.get_ref("total_steps")
+    return c
