@@ -1,0 +1,321 @@
+"""Grounded contrastive objectives of CT-GLIP, plus the global CLIP / SigLIP baselines.
+
+Pure `jnp` functions over already L2-normalised embeddings with static shapes. Organ slots are padded to a
+fixed count per scan, so every function takes `valid` masks: a padded slot is neither an anchor nor a
+candidate, and a loss over no valid slot is 0 with finite gradients (masked logits are replaced by a large
+*finite* negative before the softmax, and every mean divides by `max(count, 1)`).
+
+Equivalence (soft targets, as in fVLM). Two organ texts a, b are *equivalent* when
+
+    key_a == key_b                                   (the same text, e.g. a hash of the sentence), or
+    normal_a and normal_b and organ_a == organ_b     (two normal statements about the same organ).
+
+"No focal liver lesion." and "The liver is unremarkable." are then one positive class for a normal liver,
+and a normal liver and a normal spleen stay negatives of each other. Abnormal texts are only equivalent when
+identical. Dictionary entries carry the same (key, normal, organ) triple and are judged by the same rule, so a
+"normal liver" phrasing in the dictionary is a positive, not a negative, for a normal liver. The soft target
+of an anchor is uniform over all valid candidates equivalent to its own text; the loss is the cross-entropy
+against it.
+
+Each loss returns `(loss, metrics)`; metrics are scalars: accuracy (top-1 candidate is equivalent to the
+positive), mean logit of the true pair, mean logit of the non-equivalent candidates, and the temperature.
+Everything is computed in float32 whatever the embedding dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+MIN_TEMPERATURE = 0.001
+MAX_TEMPERATURE = 0.5
+INIT_TEMPERATURE = 0.07
+# SigLIP's initialisation for its sigmoid loss: scale 10 (as a log), bias -10.
+SIGLIP_INIT_LOG_SCALE = math.log(10.0)
+SIGLIP_INIT_BIAS = -10.0
+# Stands in for -inf on masked logits: exp() underflows to exactly 0, yet 0 * NEG stays finite.
+_MASKED_LOGIT = -1e9
+
+
+def init_log_logit_scale(temperature: float = INIT_TEMPERATURE) -> float:
+    """Initial value of the learnable log logit scale: log(1 / temperature)."""
+    return math.log(1.0 / temperature)
+
+
+def clamp_logit_scale(log_logit_scale: Array) -> Array:
+    """exp of the learnable log scale, clamped so the temperature stays in [0.001, 0.5] (scale in [2, 1000]).
+
+    The clamp is applied to the log before exp, so outside the range the gradient is zero (CLIP's behaviour):
+    the parameter stops drifting instead of blowing the logits up.
+    """
+    lo, hi = math.log(1.0 / MAX_TEMPERATURE), math.log(1.0 / MIN_TEMPERATURE)
+    return jnp.exp(jnp.clip(jnp.asarray(log_logit_scale, jnp.float32), lo, hi))
+
+
+def equivalence_matrix(
+    keys_a: Array, normal_a: Array, organs_a: Array, keys_b: Array, normal_b: Array, organs_b: Array
+) -> Array:
+    """(A, B) bool: text a equivalent to text b (same key, or both normal statements about the same organ)."""
+    same_key = keys_a[:, None] == keys_b[None, :]
+    both_normal = jnp.logical_and(normal_a[:, None], normal_b[None, :])
+    same_organ = organs_a[:, None] == organs_b[None, :]
+    return same_key | (both_normal & same_organ)
+
+
+def _zero_invalid(emb: Array, valid: Array) -> Array:
+    """float32 embeddings with invalid rows zeroed: a NaN in a padded slot reaches neither loss nor grad."""
+    return jnp.where(valid[:, None], emb.astype(jnp.float32), 0.0)
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+    """Mean of x over mask; 0 (not NaN) for an empty mask, with finite gradients on both branches."""
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(jnp.where(mask > 0, x, 0.0) * mask)
+    return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def soft_cross_entropy(
+    logits: Array, targets: Array, row_valid: Array, col_valid: Array
+) -> tuple[Array, Array]:
+    """Per-row cross-entropy of `logits` (R, C) against unnormalised non-negative `targets` (R, C).
+
+    Invalid columns are removed from the softmax; targets are normalised over the valid columns. Rows that are
+    invalid or have no positive target give 0. Returns (per-row loss (R,), row-used mask (R,)).
+    """
+    logits = jnp.where(col_valid[None, :], logits, _MASKED_LOGIT)
+    targets = jnp.where(col_valid[None, :], targets, 0.0)
+    mass = jnp.sum(targets, axis=-1)
+    used = row_valid & (mass > 0)
+    # Invalid rows get neutral logits (zeros) so nothing large or undefined enters the backward pass.
+    logits = jnp.where(used[:, None], logits, 0.0)
+    targets = targets / jnp.where(used, mass, 1.0)[:, None]
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    per_row = -jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), axis=-1)
+    return jnp.where(used, per_row, 0.0), used
+
+
+def _top1_hits(logits: Array, positives: Array, col_valid: Array) -> Array:
+    """(R,) bool: the highest-scoring valid column is a positive."""
+    best = jnp.argmax(jnp.where(col_valid[None, :], logits, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(positives, best[:, None], axis=-1)[:, 0]
+
+
+def _negative_mean(logits: Array, negatives: Array) -> Array:
+    return _masked_mean(logits, negatives)
+
+
+def organ_text_loss(
+    organ_emb: Array, organ_ids: Array, valid: Array, prompt_emb: Array, logit_scale: Array
+) -> tuple[Array, Metrics]:
+    """InfoNCE of each valid organ embedding against the prompts of the whole organ vocabulary.
+
+    organ_emb (N, D); organ_ids (N,) v1 ids 1..C (class index = id - 1); valid (N,) bool; prompt_emb (C, D).
+    Drives zero-shot organ recognition: top-1 over the vocabulary is exactly the `accuracy` metric.
+    """
+    valid = valid.astype(bool)
+    organ_emb = _zero_invalid(organ_emb, valid)
+    prompt_emb = prompt_emb.astype(jnp.float32)
+    num_classes = prompt_emb.shape[0]
+    logits = logit_scale * organ_emb @ prompt_emb.T
+    labels = jax.nn.one_hot(organ_ids - 1, num_classes, dtype=jnp.float32)
+    all_cols = jnp.ones((num_classes,), bool)
+    per_row, used = soft_cross_entropy(logits, labels, valid, all_cols)
+    positives = labels > 0
+    negatives = used[:, None] & ~positives
+    metrics = {
+        "accuracy": _masked_mean(_top1_hits(logits, positives, all_cols).astype(jnp.float32), used),
+        "pos_logit": _masked_mean(jnp.sum(jnp.where(positives, logits, 0.0), axis=-1), used),
+        "neg_logit": _negative_mean(logits, negatives),
+        "temperature": 1.0 / logit_scale,
+        "num_valid": jnp.sum(used).astype(jnp.float32),
+    }
+    return _masked_mean(per_row, used), metrics
+
+
+def abnormality_text_loss(
+    organ_emb: Array,
+    text_emb: Array,
+    valid: Array,
+    text_keys: Array,
+    normal: Array,
+    organ_ids: Array,
+    dict_emb: Array,
+    dict_valid: Array,
+    dict_keys: Array,
+    dict_normal: Array,
+    dict_organ_ids: Array,
+    logit_scale: Array,
+) -> tuple[Array, Metrics]:
+    """Organ embedding <-> organ text InfoNCE over the global batch, with dictionary negatives, soft targets.
+
+    N = global batch x organ slots, flattened; slot i pairs organ_emb[i] with its report text text_emb[i].
+    image->text: anchor i against the N batch texts plus the M dictionary texts.
+    text->image: text j against the N organ embeddings (the dictionary has no images).
+    The loss is the mean of the two directions. Equivalence rule: see the module docstring.
+    Shapes: *_emb (., D); valid/normal (N,) bool; text_keys/organ_ids (N,) int; dict_* the same over M.
+    """
+    valid, normal = valid.astype(bool), normal.astype(bool)
+    dict_valid, dict_normal = dict_valid.astype(bool), dict_normal.astype(bool)
+    organ_emb = _zero_invalid(organ_emb, valid)
+    text_emb = _zero_invalid(text_emb, valid)
+    dict_emb = _zero_invalid(dict_emb, dict_valid)
+
+    # Candidates for image->text: batch texts then dictionary texts.
+    cand_emb = jnp.concatenate([text_emb, dict_emb], axis=0)
+    cand_valid = jnp.concatenate([valid, dict_valid])
+    cand_keys = jnp.concatenate([text_keys, dict_keys])
+    cand_normal = jnp.concatenate([normal, dict_normal])
+    cand_organs = jnp.concatenate([organ_ids, dict_organ_ids])
+
+    equiv = equivalence_matrix(text_keys, normal, organ_ids, cand_keys, cand_normal, cand_organs)  # (N, N+M)
+    i2t_logits = logit_scale * organ_emb @ cand_emb.T
+    i2t_rows, used = soft_cross_entropy(i2t_logits, equiv.astype(jnp.float32), valid, cand_valid)
+
+    # text->image: the (N, N) block of equivalence is symmetric, so row j lists the organs whose texts match.
+    batch_equiv = equiv[:, : organ_emb.shape[0]]
+    t2i_logits = logit_scale * text_emb @ organ_emb.T
+    t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, valid)
+
+    loss = 0.5 * (_masked_mean(i2t_rows, used) + _masked_mean(t2i_rows, t2i_used))
+    n = organ_emb.shape[0]
+    diag = jnp.diagonal(i2t_logits[:, :n])
+    negatives = used[:, None] & cand_valid[None, :] & ~equiv
+    metrics = {
+        "i2t_accuracy": _masked_mean(_top1_hits(i2t_logits, equiv, cand_valid).astype(jnp.float32), used),
+        "t2i_accuracy": _masked_mean(
+            _top1_hits(t2i_logits, batch_equiv, valid).astype(jnp.float32), t2i_used
+        ),
+        "pos_logit": _masked_mean(diag, used),
+        "neg_logit": _negative_mean(i2t_logits, negatives),
+        "temperature": 1.0 / logit_scale,
+        "num_valid": jnp.sum(used).astype(jnp.float32),
+    }
+    return loss, metrics
+
+
+def clip_loss(
+    img_emb: Array, txt_emb: Array, logit_scale: Array, valid: Array | None = None
+) -> tuple[Array, Metrics]:
+    """Symmetric global image-report InfoNCE (the CLIP baseline); `valid` (B,) drops padded examples."""
+    b = img_emb.shape[0]
+    valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
+    img_emb = _zero_invalid(img_emb, valid)
+    txt_emb = _zero_invalid(txt_emb, valid)
+    eye = jnp.eye(b, dtype=bool)
+    logits = logit_scale * img_emb @ txt_emb.T
+    i2t, used = soft_cross_entropy(logits, eye.astype(jnp.float32), valid, valid)
+    t2i, _ = soft_cross_entropy(logits.T, eye.astype(jnp.float32), valid, valid)
+    loss = 0.5 * (_masked_mean(i2t, used) + _masked_mean(t2i, used))
+    negatives = used[:, None] & valid[None, :] & ~eye
+    metrics = {
+        "i2t_accuracy": _masked_mean(_top1_hits(logits, eye, valid).astype(jnp.float32), used),
+        "t2i_accuracy": _masked_mean(_top1_hits(logits.T, eye, valid).astype(jnp.float32), used),
+        "pos_logit": _masked_mean(jnp.diagonal(logits), used),
+        "neg_logit": _negative_mean(logits, negatives),
+        "temperature": 1.0 / logit_scale,
+    }
+    return loss, metrics
+
+
+def sigmoid_loss(
+    img_emb: Array,
+    txt_emb: Array,
+    logit_scale: Array,
+    logit_bias: Array,
+    img_valid: Array | None = None,
+    txt_valid: Array | None = None,
+    positives: Array | None = None,
+) -> tuple[Array, Metrics]:
+    """SigLIP pairwise sigmoid loss over an (A, B) grid of image and text embeddings.
+
+    `positives` (A, B) bool marks pairs labelled +1 (default: the diagonal, A == B); every other valid pair
+    is -1. Following SigLIP the summed loss is divided by the number of valid images (not pairs).
+    With an equivalence matrix as `positives` this is the organ-level variant (`abnormality_sigmoid_loss`).
+    """
+    a, b = img_emb.shape[0], txt_emb.shape[0]
+    img_valid = jnp.ones((a,), bool) if img_valid is None else img_valid.astype(bool)
+    txt_valid = jnp.ones((b,), bool) if txt_valid is None else txt_valid.astype(bool)
+    img_emb = _zero_invalid(img_emb, img_valid)
+    txt_emb = _zero_invalid(txt_emb, txt_valid)
+    positives = jnp.eye(a, b, dtype=bool) if positives is None else positives.astype(bool)
+    pair_valid = img_valid[:, None] & txt_valid[None, :]
+    logits = logit_scale * img_emb @ txt_emb.T + logit_bias
+    signs = jnp.where(positives, 1.0, -1.0)
+    pair_loss = -jax.nn.log_sigmoid(jnp.where(pair_valid, signs * logits, 0.0))
+    loss = jnp.sum(jnp.where(pair_valid, pair_loss, 0.0)) / jnp.maximum(jnp.sum(img_valid), 1).astype(
+        jnp.float32
+    )
+    pos = pair_valid & positives
+    metrics = {
+        "pair_accuracy": _masked_mean(((logits > 0) == positives).astype(jnp.float32), pair_valid),
+        "pos_logit": _masked_mean(logits, pos),
+        "neg_logit": _masked_mean(logits, pair_valid & ~positives),
+        "temperature": 1.0 / logit_scale,
+        "bias": jnp.asarray(logit_bias, jnp.float32),
+    }
+    return loss, metrics
+
+
+def abnormality_sigmoid_loss(
+    organ_emb: Array,
+    text_emb: Array,
+    valid: Array,
+    text_keys: Array,
+    normal: Array,
+    organ_ids: Array,
+    dict_emb: Array,
+    dict_valid: Array,
+    dict_keys: Array,
+    dict_normal: Array,
+    dict_organ_ids: Array,
+    logit_scale: Array,
+    logit_bias: Array,
+) -> tuple[Array, Metrics]:
+    """Organ-level SigLIP: same inputs and equivalence rule as `abnormality_text_loss`, sigmoid per pair.
+
+    Every organ embedding is scored against the batch texts plus the dictionary; pairs whose texts are
+    equivalent are positives (+1), all other valid pairs negatives.
+    """
+    cand_emb = jnp.concatenate([text_emb, dict_emb], axis=0)
+    cand_valid = jnp.concatenate([valid.astype(bool), dict_valid.astype(bool)])
+    equiv = equivalence_matrix(
+        text_keys,
+        normal.astype(bool),
+        organ_ids,
+        jnp.concatenate([text_keys, dict_keys]),
+        jnp.concatenate([normal.astype(bool), dict_normal.astype(bool)]),
+        jnp.concatenate([organ_ids, dict_organ_ids]),
+    )
+    return sigmoid_loss(organ_emb, cand_emb, logit_scale, logit_bias, valid, cand_valid, equiv)
+
+
+def total_loss(
+    terms: Mapping[str, tuple[Array, Metrics]], weights: Mapping[str, float]
+) -> tuple[Array, Metrics]:
+    """Weighted sum of loss terms; metrics flattened as '<term>/<metric>' plus '<term>/loss' and 'loss'.
+
+    Every term needs a weight and every weight a term: a misspelt config key must fail, not silently drop a
+    loss. A weight of 0 keeps the term's metrics but removes it from the objective.
+    """
+    missing = sorted(set(terms) - set(weights))
+    unused = sorted(set(weights) - set(terms))
+    if missing or unused:
+        raise ValueError(
+            f"loss weights do not match loss terms: no weight for {missing}, no term for {unused}"
+        )
+    total = jnp.zeros((), jnp.float32)
+    metrics: Metrics = {}
+    for name in sorted(terms):
+        loss, term_metrics = terms[name]
+        total = total + float(weights[name]) * loss
+        metrics[f"{name}/loss"] = loss
+        for key, value in term_metrics.items():
+            metrics[f"{name}/{key}"] = value
+    metrics["loss"] = total
+    return total, metrics
