@@ -5,7 +5,7 @@ organ slots, prompt banks, report flags — uses these ids, so they come from th
 the package (copied from TotalSegmentator 2.18.0, Apache-2.0), never retyped.
 
 The words reports use for each organ (synonyms, adjectives such as "hepatic", vertebral levels, rib
-numbers) live with the report parser in `reports.py`; this module holds what is true of the label map.
+numbers) live with the report parser in `organ_terms.py`; this module holds what is true of the label map.
 """
 
 from __future__ import annotations
