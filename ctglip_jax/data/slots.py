@@ -1,0 +1,69 @@
+"""A fixed number K of organ slots per scan, so every batch has static shapes under jit.
+
+A slot is one organ visible in the (augmented) crop: its v1 id, the report's flag for it and its text.
+Organs with fewer than `min_voxels` voxels in the crop are not candidates: a sliver cut by the crop
+border says little about the organ, and its pooled feature is noise (fVLM drops such organs too).
+
+Which organs fill the K slots when more are visible (a seeded rule, so a resumed run picks the same):
+organs the report calls abnormal first (they are rare and carry the findings signal), then organs it calls
+normal, then organs it does not mention (still useful for organ-name alignment); random order within each
+tier. Unused slots have id 0, `slot_valid` False, flag -1 and text ''.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ctglip_jax.data.organs import NUM_CLASSES
+
+
+def organ_voxel_counts(label_map: np.ndarray) -> np.ndarray:
+    """(105,) voxel count per id (index 0 = background)."""
+    return np.bincount(np.asarray(label_map, np.int64).ravel(), minlength=NUM_CLASSES + 1)[: NUM_CLASSES + 1]
+
+
+def choose_slots(
+    label_map: np.ndarray,
+    organ_abnormal: np.ndarray,
+    organ_text: Sequence[str],
+    num_slots: int,
+    min_voxels: int,
+    rng: np.random.Generator | None,
+) -> dict[str, np.ndarray]:
+    """Slot arrays for one crop: slot_organ int32 (K,), slot_valid bool, slot_abnormal int8, slot_voxels
+    int32, slot_text object (K,) of str. `organ_abnormal`/`organ_text` are indexed by v1 id - 1.
+    `rng=None` orders each tier by id (deterministic evaluation)."""
+    counts = organ_voxel_counts(label_map)
+    present = np.flatnonzero(counts[1:] >= max(min_voxels, 1)) + 1
+    flags = np.asarray(organ_abnormal, np.int8)[present - 1] if present.size else np.zeros(0, np.int8)
+    chosen: list[int] = []
+    for tier in (1, 0, -1):
+        ids = present[flags == tier]
+        if rng is not None:
+            ids = rng.permutation(ids)
+        chosen.extend(int(i) for i in ids)
+    chosen = chosen[:num_slots]
+    n = len(chosen)
+    slot_organ = np.zeros(num_slots, np.int32)
+    slot_organ[:n] = chosen
+    slot_abnormal = np.full(num_slots, -1, np.int8)
+    slot_voxels = np.zeros(num_slots, np.int32)
+    slot_text = np.full(num_slots, "", dtype=object)
+    if n:
+        idx = np.asarray(chosen) - 1
+        slot_abnormal[:n] = np.asarray(organ_abnormal, np.int8)[idx]
+        slot_voxels[:n] = counts[idx + 1]
+        slot_text[:n] = [_as_str(organ_text[i]) for i in idx]
+    return {
+        "slot_organ": slot_organ,
+        "slot_valid": np.arange(num_slots) < n,
+        "slot_abnormal": slot_abnormal,
+        "slot_voxels": slot_voxels,
+        "slot_text": slot_text,
+    }
+
+
+def _as_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
