@@ -1,0 +1,233 @@
+"""Zero-shot abnormality detection: per finding, a (present, absent) prompt pair scored on organ embeddings.
+
+For finding f (from `data.findings.FINDINGS`) and each organ o it can occur in, the embedding of organ o in a
+case is compared with the pair's two text embeddings; a softmax over the pair, with the model's logit
+scale, gives P(present) = sigmoid(scale * (e·t_present - e·t_absent)). Several template pairs form an
+ensemble (each side averaged and renormalised, see `prompts.py`).
+
+Labels: a sample (case, finding, organ) is positive when the finding lies in *that organ* of that case.
+Batches give this as `finding_organ` `(B, F)`: the v1 id of the organ holding finding f, 0 when absent
+(the phantom puts each finding in at most one organ per case). Without it, `finding_labels` `(B, F)` (case
+level) is used: exact for single-organ findings; for multi-organ findings (e.g. a renal cyst, left or right)
+every candidate organ that the report calls abnormal (`organ_abnormal`) counts as positive - an
+approximation, flagged in the result (`labels: "case_level"`).
+
+Reported per finding (pooled over its organs): AUC and F1 at the Youden-optimal threshold (`metrics.py`),
+ROC points; per (finding, organ); per organ (macro over its findings); macro and positives-weighted
+averages over findings. A finding with no positive or no negative sample is listed under `skipped` with
+the reason and left out of every average, never averaged in as NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ctglip_jax.data import organs
+from ctglip_jax.data.findings import FINDINGS, Finding
+from ctglip_jax.errors import ConfigError
+from ctglip_jax.evaluators import ZeroShotModel
+from ctglip_jax.evaluators import metrics as M
+from ctglip_jax.evaluators.prompts import (
+    DEFAULT_PAIR_TEMPLATES,
+    TextEncoder,
+    ensemble_embeddings,
+    finding_pair_texts,
+)
+from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings, collect_organ_embeddings
+
+UNKNOWN_ORGAN = -1  # finding present in the case, organ not recorded
+
+
+def finding_organ_from_case_labels(
+    finding_labels: np.ndarray, findings: Sequence[Finding] = FINDINGS
+) -> np.ndarray:
+    """`(N, F)` organ ids from case-level flags: the organ for single-organ findings, else UNKNOWN_ORGAN."""
+    finding_labels = np.asarray(finding_labels)
+    out = np.zeros(finding_labels.shape, np.int32)
+    for f, finding in enumerate(findings):
+        present = finding_labels[:, f] > 0
+        out[present, f] = organs.organ_id(finding.organs[0]) if len(finding.organs) == 1 else UNKNOWN_ORGAN
+    return out
+
+
+def finding_organ_row(
+    case_findings: Sequence[Mapping[str, Any]], catalogue: Sequence[Finding] = FINDINGS
+) -> np.ndarray:
+    """`(F,)` int32 organ id per catalogue finding (0 = absent) from a synthetic case's `findings` list
+    (dicts with `name` and `organ`): the organ-level labels a dataset record should carry."""
+    column = {f.name: i for i, f in enumerate(catalogue)}
+    row = np.zeros(len(catalogue), np.int32)
+    for finding in case_findings:
+        row[column[finding["name"]]] = organs.organ_id(finding["organ"])
+    return row
+
+
+def sample_labels(
+    finding_organ: np.ndarray, organ_abnormal: np.ndarray | None, f: int, organ_id: int
+) -> np.ndarray:
+    """`(N,)` bool: finding f lies in organ `organ_id` (see the module docstring for UNKNOWN_ORGAN)."""
+    located = finding_organ[:, f] == organ_id
+    unknown = finding_organ[:, f] == UNKNOWN_ORGAN
+    if organ_abnormal is None:
+        return located | unknown
+    return located | (unknown & (np.asarray(organ_abnormal)[:, organ_id - 1] == 1))
+
+
+def pair_probabilities(
+    embeddings: np.ndarray, present: np.ndarray, absent: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """P(present) from the softmax over the pair: `(N, E)` embeddings, `(E,)` text vectors."""
+    # Row-wise sums (not a BLAS mat-vec, whose rounding can depend on the row's position): identical
+    # embeddings must get identical probabilities, or ties would be broken by float noise.
+    direction = np.asarray(present, np.float64) - np.asarray(absent, np.float64)
+    margin = float(logit_scale) * np.sum(np.asarray(embeddings, np.float64) * direction, axis=-1)
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -80.0, 80.0)))
+
+
+def abnormality_detection(
+    data: OrganEmbeddings,
+    pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]],
+    logit_scale: float,
+    findings: Sequence[Finding] = FINDINGS,
+    catalogue: Sequence[Finding] = FINDINGS,
+) -> dict[str, Any]:
+    """Metrics from precomputed organ embeddings and `{(finding name, organ id): (present, absent)}`.
+
+    Label columns (`finding_organ`, `finding_labels`) follow `catalogue` (the dataset's finding list);
+    `findings` (a subset of it) are the ones evaluated.
+    """
+    column = {f.name: i for i, f in enumerate(catalogue)}
+    missing = [f.name for f in findings if f.name not in column]
+    if missing:
+        raise ConfigError("abnormality evaluation", f"findings {missing} are not in the label catalogue")
+    if "finding_organ" in data.extras:
+        finding_organ, label_source = np.asarray(data.extras["finding_organ"]), "organ_level"
+    elif "finding_labels" in data.extras:
+        finding_organ = finding_organ_from_case_labels(data.extras["finding_labels"], catalogue)
+        label_source = "case_level"
+    else:
+        raise ConfigError(
+            "abnormality evaluation",
+            "the batches carry neither 'finding_organ' nor 'finding_labels': nothing to score against",
+        )
+    if finding_organ.shape != (len(data), len(catalogue)):
+        raise ConfigError(
+            "abnormality evaluation",
+            f"finding labels have shape {finding_organ.shape}, expected ({len(data)}, {len(catalogue)})",
+        )
+    organ_abnormal = data.extras.get("organ_abnormal")
+    per_finding, per_pair, skipped = {}, {}, {}
+    organ_scores: dict[str, list[tuple[str, float, float, int]]] = {}
+    for finding in findings:
+        f = column[finding.name]
+        all_labels, all_probs, used_organs = [], [], []
+        for organ_name in finding.organs:
+            organ_id = organs.organ_id(organ_name)
+            rows = np.flatnonzero(data.valid[:, organ_id - 1])
+            if not len(rows):
+                continue
+            present, absent = pair_embeddings[(finding.name, organ_id)]
+            probs = pair_probabilities(data.embeddings[rows, organ_id - 1], present, absent, logit_scale)
+            labels = sample_labels(
+                finding_organ[rows], None if organ_abnormal is None else organ_abnormal[rows], f, organ_id
+            )
+            all_labels.append(labels)
+            all_probs.append(probs)
+            used_organs.append(organ_name)
+            if M.has_both_classes(labels):
+                report = M.binary_report(labels, probs)
+                per_pair[f"{finding.name}/{organ_name}"] = {
+                    k: report[k] for k in ("auc", "f1", "positives", "negatives")
+                }
+                organ_scores.setdefault(organ_name, []).append(
+                    (finding.name, report["auc"], report["f1"], report["positives"])
+                )
+        labels = np.concatenate(all_labels) if all_labels else np.zeros(0, bool)
+        probs = np.concatenate(all_probs) if all_probs else np.zeros(0)
+        if not len(labels):
+            skipped[finding.name] = "none of its organs is present in the evaluated data"
+        elif not labels.any():
+            skipped[finding.name] = f"no positive sample among {len(labels)}"
+        elif labels.all():
+            skipped[finding.name] = f"no negative sample among {len(labels)}"
+        else:
+            per_finding[finding.name] = {**M.binary_report(labels, probs), "organs": used_organs}
+    evaluated = list(per_finding.values())
+    positives = [r["positives"] for r in evaluated]
+    auc = M.macro_and_weighted([r["auc"] for r in evaluated], positives)
+    f1 = M.macro_and_weighted([r["f1"] for r in evaluated], positives)
+    per_organ = {
+        organ: {
+            "auc": float(np.mean([s[1] for s in scores])),
+            "f1": float(np.mean([s[2] for s in scores])),
+            "positives": int(sum(s[3] for s in scores)),
+            "findings": [s[0] for s in scores],
+        }
+        for organ, scores in sorted(organ_scores.items(), key=lambda kv: organs.organ_id(kv[0]))
+    }
+    return M.json_ready(
+        {
+            "auc_macro": auc["macro"],
+            "auc_weighted": auc["weighted"],
+            "f1_macro": f1["macro"],
+            "f1_weighted": f1["weighted"],
+            "num_findings_evaluated": len(evaluated),
+            "num_cases": len(data),
+            "labels": label_source,
+            "per_finding": per_finding,
+            "per_finding_organ": per_pair,
+            "per_organ": per_organ,
+            "skipped": skipped,
+        }
+    )
+
+
+class AbnormalityEvaluator:
+    """Zero-shot abnormality detection with paired prompts (template pairs configurable, ensembled)."""
+
+    def __init__(
+        self,
+        model: ZeroShotModel,
+        *,
+        templates: Sequence[str | tuple[str, str]] = DEFAULT_PAIR_TEMPLATES,
+        findings: Sequence[Finding] = FINDINGS,
+        catalogue: Sequence[Finding] = FINDINGS,
+        min_voxels: int = 8,
+    ):
+        """`findings`: those evaluated; `catalogue`: the finding list the data's label columns follow."""
+        self.model = model
+        self.catalogue = tuple(catalogue)
+        self.templates = tuple(templates)
+        self.findings = tuple(findings)
+        self.min_voxels = min_voxels
+        self.pair_texts = {
+            (finding.name, organs.organ_id(organ)): finding_pair_texts(finding.prompt, organ, self.templates)
+            for finding in self.findings
+            for organ in finding.organs
+        }
+
+    def pair_embeddings(self, params: Any) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+        encoder = TextEncoder(self.model.text_features, self.model.project_text, params)
+        keys = list(self.pair_texts)
+        groups = [g for k in keys for g in self.pair_texts[k]]  # present, absent, present, absent, ...
+        emb = ensemble_embeddings(encoder, groups)
+        return {k: (emb[2 * i], emb[2 * i + 1]) for i, k in enumerate(keys)}
+
+    def run(self, params: Any, batches: Iterable[Mapping[str, Any]] | OrganEmbeddings) -> dict[str, Any]:
+        data = (
+            batches
+            if isinstance(batches, OrganEmbeddings)
+            else collect_organ_embeddings(
+                self.model.embed_organs, params, batches, min_voxels=self.min_voxels
+            )
+        )
+        scale = float(np.asarray(self.model.logit_scale(params)))
+        result = abnormality_detection(
+            data, self.pair_embeddings(params), scale, self.findings, self.catalogue
+        )
+        result["templates"] = [t if isinstance(t, str) else list(t) for t in self.templates]
+        result["logit_scale"] = scale
+        return result

@@ -1,0 +1,233 @@
+"""Sliding-window inference (exact on per-voxel models, analytic blending), segmentation heads (shapes,
+UNETR strides), the Dice evaluator against a numpy reference and a tiny training run whose loss drops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ctglip_jax.errors import ConfigError
+from ctglip_jax.evaluators import segmentation as S
+from ctglip_jax.evaluators.sliding_window import SlidingWindow, importance_map, window_starts
+from ctglip_jax.models import random_params, seg_heads
+from ctglip_jax.models.cnn3d import unet3d
+from ctglip_jax.models.vit3d import vit3d
+
+
+# ----------------------------------------------------------------------------------- sliding window
+@pytest.mark.parametrize("size,window,overlap", [(13, 8, 0.5), (8, 8, 0.5), (30, 8, 0.25), (17, 4, 0.0)])
+def test_window_starts_cover_the_axis(size, window, overlap):
+    starts = window_starts(size, window, overlap)
+    assert starts[0] == 0 and starts[-1] == size - window
+    covered = np.zeros(size, bool)
+    for s in starts:
+        covered[s : s + window] = True
+    assert covered.all()
+    steps = np.diff(starts)
+    assert np.all(steps <= max(1, round(window * (1 - overlap))))
+
+
+def test_window_arguments_rejected():
+    with pytest.raises(ConfigError, match="overlap"):
+        window_starts(10, 4, 1.0)
+    with pytest.raises(ConfigError, match="weighting"):
+        importance_map((4, 4, 4), "cosine")
+    with pytest.raises(ConfigError, match="window"):
+        SlidingWindow(lambda p, x: x, (4, 4))
+
+
+def test_gaussian_importance():
+    w = importance_map((8, 6, 5), "gaussian")
+    assert w.max() == 1.0 and w.min() > 0
+    np.testing.assert_allclose(w, w[::-1, ::-1, ::-1])  # centred
+    assert w[4, 3, 2] > w[0, 0, 0]
+    assert np.all(importance_map((3, 3, 3), "uniform") == 1)
+
+
+def linear_model(params, windows):
+    """Per-voxel affine map to 3 channels: position independent, so blending must reproduce it."""
+    return windows[..., None] * params["a"] + params["b"]
+
+
+LINEAR_PARAMS = {"a": jnp.array([1.0, -2.0, 0.5]), "b": jnp.array([0.0, 1.0, -3.0])}
+
+
+@pytest.mark.parametrize("weighting", ["gaussian", "uniform"])
+@pytest.mark.parametrize("shape", [(13, 10, 7), (13, 10, 3), (8, 8, 4)])
+def test_sliding_window_exact_on_linear_model(weighting, shape):
+    volume = np.random.default_rng(0).random(shape).astype(np.float32)
+    slider = SlidingWindow(linear_model, (8, 8, 4), overlap=0.5, weighting=weighting, batch_size=3)
+    out = slider(LINEAR_PARAMS, volume)
+    expected = volume[..., None] * np.array([1.0, -2.0, 0.5]) + np.array([0.0, 1.0, -3.0])
+    assert out.shape == (*shape, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_sliding_window_constant_model_and_one_compilation():
+    slider = SlidingWindow(lambda p, x: jnp.full((*x.shape, 2), p), (4, 4, 4), overlap=0.5, batch_size=2)
+    for shape in [(9, 5, 6), (4, 4, 4), (2, 11, 3)]:
+        out = slider(jnp.float32(0.3), np.zeros(shape, np.float32))
+        np.testing.assert_allclose(out, 0.3, rtol=1e-7)
+    assert slider._predict._cache_size() == 1
+
+
+def test_uniform_blending_averages_overlapping_windows():
+    """The model outputs each voxel's x position *inside its window*: overlaps average analytically."""
+
+    def local_x(params, windows):
+        b, wx, wy, wz = windows.shape
+        return jnp.broadcast_to(
+            jnp.arange(wx, dtype=jnp.float32)[None, :, None, None, None], (b, wx, wy, wz, 1)
+        )
+
+    slider = SlidingWindow(local_x, (8, 4, 4), overlap=0.5, weighting="uniform")
+    out = slider(None, np.zeros((12, 4, 4), np.float32))[:, 0, 0, 0]
+    x = np.arange(12)
+    # Windows start at 0 and 4: x < 4 only in the first (x), 4..7 in both (mean of x and x - 4), 8.. second.
+    np.testing.assert_allclose(out, np.where(x < 4, x, np.where(x < 8, x - 2, x - 4)))
+
+
+def test_sliding_window_rejects_bad_volumes():
+    slider = SlidingWindow(linear_model, (4, 4, 4))
+    with pytest.raises(ConfigError, match="volume"):
+        slider(LINEAR_PARAMS, np.zeros((4, 4), np.float32))
+
+
+# ----------------------------------------------------------------------------------- heads
+def test_unetr_strides_and_layers():
+    assert seg_heads.upsampling_strides((4, 4, 2)) == [(2, 2, 1), (2, 2, 2)]
+    strides = seg_heads.upsampling_strides((16, 16, 8))
+    assert len(strides) == 4 and tuple(np.prod(strides, axis=0)) == (16, 16, 8)
+    assert seg_heads.unetr_keep_layers(12, (16, 16, 16)) == (2, 5, 8)
+    assert seg_heads.num_skip_layers((4, 4, 2)) == 1
+    with pytest.raises(ConfigError, match="power of two"):
+        seg_heads.upsampling_strides((6, 4, 4))
+    with pytest.raises(ConfigError, match="too few blocks"):
+        seg_heads.unetr_keep_layers(2, (16, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "tower",
+    [vit3d("tiny"), vit3d("tiny", patch_size=(8, 8, 4), depth=3), unet3d("tiny")],
+    ids=["vit_p4", "vit_p8", "unet"],
+)
+def test_segmentation_net_shapes(tower):
+    net = S.segmentation_net(tower, num_classes=3, features=4)
+    images = jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+    params = jax.eval_shape(lambda x: net.init(jax.random.key(0), x), images)
+    assert set(params) == {"encoder", "head"}
+    logits = jax.eval_shape(net.apply, params, images)
+    assert logits.shape == (2, 16, 16, 8, 3)
+
+
+def test_segmentation_net_rejects():
+    with pytest.raises(ConfigError, match="num_classes"):
+        S.segmentation_net(vit3d("tiny"), num_classes=1)
+    with pytest.raises(ConfigError, match="no segmentation head"):
+        S.segmentation_net(object(), num_classes=2)
+
+
+def test_segmentation_loss_reference():
+    labels = np.array([[[[0, 1], [1, 0]]]])  # (1, 1, 2, 2)
+    uniform = jnp.zeros((*labels.shape, 2))
+    # CE = log 2; soft Dice of class 1: (2 * 0.5 * 2 + 1) / (0.5 * 4 + 2 + 1) = 3 / 5.
+    assert float(S.segmentation_loss(uniform, labels, 2)) == pytest.approx(np.log(2) + 1 - 3 / 5, rel=1e-6)
+    perfect = 50.0 * jax.nn.one_hot(labels, 2)
+    assert float(S.segmentation_loss(perfect, labels, 2)) == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- Dice evaluator
+def _dice(p, t):
+    return 2 * np.sum(p & t) / (p.sum() + t.sum())
+
+
+def test_segmentation_evaluator_dice_matches_numpy():
+    """A thresholding 'model' through the sliding window: prediction = voxel > 0.5 exactly."""
+
+    def threshold_model(params, windows):
+        fg = (windows > 0.5).astype(jnp.float32)
+        return jnp.stack([1 - fg, fg], axis=-1) * 10.0
+
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 10, 9, 6)).astype(np.float32)
+    targets = (images > 0.5).astype(np.uint8)
+    targets[0, :3] ^= 1  # disagree in part of case 0
+    targets[2] = 0
+    images[2] = 0.1  # case 2: empty prediction and empty target
+    batches = [
+        {"image": images[:2], "tumor_mask": targets[:2]},
+        {"image": images[2:], "tumor_mask": targets[2:]},
+    ]
+    ev = S.SegmentationEvaluator(threshold_model, 2, (8, 8, 4), class_names=["tumor"])
+    r = ev.run(None, batches)
+    preds = images > 0.5
+    expected = [_dice(preds[i], targets[i].astype(bool)) for i in range(2)]
+    assert r["per_class"]["tumor"]["dice"] == pytest.approx(np.mean(expected))
+    assert r["per_class"]["tumor"]["cases_scored"] == 2 and r["per_class"]["tumor"]["cases_empty_both"] == 1
+    glob = _dice(preds.ravel(), targets.ravel().astype(bool))
+    assert r["per_class"]["tumor"]["global_dice"] == pytest.approx(glob)
+    assert r["per_case_dice"][2] == [None]
+
+
+# ----------------------------------------------------------------------------------- training
+def toy_cases():
+    """Two 16x16x8 cases: a bright cube is the tumour."""
+    images = np.full((2, 16, 16, 8), 0.2, np.float32)
+    masks = np.zeros((2, 16, 16, 8), np.uint8)
+    for i, (x, y) in enumerate([(2, 3), (8, 9)]):
+        images[i, x : x + 5, y : y + 5, 2:6] = 0.9
+        masks[i, x : x + 5, y : y + 5, 2:6] = 1
+    return [{"image": images, "tumor_mask": masks}]
+
+
+@pytest.fixture(scope="module")
+def vit_net_and_params():
+    net = S.segmentation_net(vit3d("tiny"), num_classes=2, features=4)
+    abstract = jax.eval_shape(
+        lambda x: net.init(jax.random.key(0), x), jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+    )
+    return net, random_params(abstract, seed=1)
+
+
+def test_tiny_finetune_decreases_loss(vit_net_and_params):
+    net, params = vit_net_and_params
+    trained, losses = S.train_segmentation(net, params, toy_cases(), steps=12, learning_rate=1e-2)
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), params, trained)
+    assert all(jax.tree.leaves(changed["head"])) and any(jax.tree.leaves(changed["encoder"]))
+
+
+def test_frozen_encoder_stays_and_bad_labels_rejected(vit_net_and_params):
+    net, params = vit_net_and_params
+    trained, _ = S.train_segmentation(net, params, toy_cases(), steps=2, freeze_encoder=True)
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), params["encoder"], trained["encoder"]
+    )
+    assert all(jax.tree.leaves(same))
+    bad = toy_cases()
+    bad[0]["tumor_mask"] = bad[0]["tumor_mask"] * 2
+    with pytest.raises(ConfigError, match="num_classes"):
+        S.train_segmentation(net, params, bad, steps=1)
+
+
+def test_unet_head_finetune_decreases_loss():
+    net = S.segmentation_net(unet3d("tiny"), num_classes=2)
+    images = jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+    params = random_params(jax.eval_shape(lambda x: net.init(jax.random.key(0), x), images), seed=1)
+    assert params["head"]["logits"]["kernel"].shape == (1, 1, 1, 8, 2)  # 1x1x1 conv on the 8-channel map
+    _, losses = S.train_segmentation(net, params, toy_cases(), steps=8, learning_rate=1e-2)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_evaluator_with_the_real_net(vit_net_and_params):
+    """One window covering the volume equals the net applied directly; a larger volume is tiled."""
+    net, params = vit_net_and_params
+    cases = toy_cases()[0]
+    ev = S.SegmentationEvaluator(net.apply, 2, (16, 16, 8), batch_size=2)
+    direct = np.argmax(np.asarray(net.apply(params, cases["image"])), axis=-1)
+    np.testing.assert_array_equal(ev.predict(params, cases["image"][0]), direct[0])
+    big = np.pad(cases["image"][1], ((0, 8), (0, 4), (0, 0)), constant_values=0.2)
+    assert ev.predict(params, big).shape == (24, 20, 8)
+    report = ev.run(params, [cases])
+    assert report["num_cases"] == 2 and set(report["per_class"]) == {"class1"}
