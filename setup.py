@@ -40,7 +40,7 @@ EXTRAS = {
 setup(
     name="ctglip-jax",
     version="0.1.0",
-    description="3D grounded vision-language pretraining on CT scans and radiology reports (CT-GLIP) in JAX/Flax",
+    description="3D grounded vision-language pretraining on CT scans and reports (CT-GLIP), JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -22,6 +22,11 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
     c.checkpoint_every = 10 if runlocal else 1000
     c.keep_checkpoints = 3
     c.debug_nan_step = -1  # tests inject a NaN loss at this step
+    c.log_case_ids = False  # append each step's case ids to <workdir>/data_order.jsonl
+    c.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated on the fsdp axis
+
+    # Held-out objective on fixed validation batches every `every` steps (and at start/end); 0 = off.
+    c.eval = mlc.ConfigDict({"every": 10 if runlocal else 1000, "split": "validation", "num_batches": 2})
 
     c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
     c.distributed = mlc.ConfigDict(

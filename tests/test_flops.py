@@ -71,7 +71,7 @@ def test_summary_vit_b_params_match_analytic(model_summary):
     assert abs(vit_b["params"] / vit_b["params_analytic"] - 1) < 0.01
     # Independent of the module: ViT-B/(16,16,8) on an 8x8x8 grid, by hand.
     d, m = 768, 3072
-    by_hand = (16 * 16 * 8 * d + d) + 512 * d + 12 * (4 * (d * d + d) + 2 * d * m + m + d + 4 * d) + 2 * d
+    by_hand = (16 * 16 * 8 * d + d) + 512 * d + 12 * (4 * d * d + 3 * d + 2 * d * m + m + d + 4 * d) + 2 * d
     assert vit_b["params"] == by_hand
     assert np.isclose(vit_b["train_gflops_per_example"], flops.train_flops(vit3d("B")) / 1e9)
     assert rows["unet3d_tiny"]["feature_grid"] == [16, 16, 8]

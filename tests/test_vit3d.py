@@ -58,7 +58,7 @@ def numpy_vit(params, images, patch, num_heads):
         q = p[f"block{i}"]
         y = ln(tok, q["norm1"])
         proj = lambda name, y=y, q=q: (np.einsum("btd,dnh->btnh", y, q["attn"][name]["kernel"])
-                                       + q["attn"][name]["bias"])
+                                       + q["attn"][name].get("bias", 0.0))
         qq, kk, vv = proj("query"), proj("key"), proj("value")
         s = np.einsum("btnh,bsnh->bnts", qq, kk) / np.sqrt(qq.shape[-1])
         w = np.exp(s - s.max(-1, keepdims=True))

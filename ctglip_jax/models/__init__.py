@@ -16,7 +16,7 @@ from ctglip_jax.models.vit3d import VIT3D_SIZES, vit3d
 
 IMAGE_TOWERS: tuple[str, ...] = tuple(
     [f"vit3d_{size}" for size in VIT3D_SIZES] + [f"unet3d_{size}" for size in UNET3D_SIZES])
-TEXT_TOWERS: tuple[str, ...] = ("bert_tiny", "bert", "hf_bert")
+TEXT_TOWERS: tuple[str, ...] = ("bert_tiny", "bert", "hf_bert", "none")
 
 
 def image_tower(name: str, **kw: Any) -> nn.Module:
@@ -33,9 +33,11 @@ def image_tower(name: str, **kw: Any) -> nn.Module:
         raise ConfigError("image_tower", f"bad option for {name}: {e}") from e
 
 
-def text_tower(name: str, **kw: Any) -> nn.Module:
+def text_tower(name: str, **kw: Any) -> nn.Module | None:
     """A text tower by name.
 
+    - `none`: no text tower in the model; text arrives as pooled features from a frozen tower run on the
+      host (`text_features.TextBank`), and only the text projection is trained.
     - `bert_tiny`: `BertConfig.tiny()` (tests; random weights).
     - `bert`: `config=` a `BertConfig` or a dict of its fields.
     - `hf_bert`: `model_dir=` an HF BERT folder (None = the packaged MiniLM); reads only `config.json`
@@ -45,6 +47,10 @@ def text_tower(name: str, **kw: Any) -> nn.Module:
     from ctglip_jax.models.bert import BertConfig
     from ctglip_jax.models.text import TextTower, default_model_dir
 
+    if name == "none":
+        if kw:
+            raise ConfigError("text_tower", f"text tower 'none' takes no options, got {sorted(kw)}")
+        return None
     if name == "bert_tiny":
         config = BertConfig.tiny()
     elif name == "bert":

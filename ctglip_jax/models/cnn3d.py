@@ -157,6 +157,10 @@ class UNet3D(nn.Module):
                                self.dtype, name=f"enc{i}_block{j}") for j in range(num_blocks)]
             stages.append(stage)
         self.encoder_stages = stages
+        # nnU-Net ResEnc's stem: a conv from the image channels to channels[0], so no residual block projects
+        # a 1-channel image. (A 1x1 projection of one channel followed by a norm is scale-invariant: its
+        # weights get an identically zero gradient and Adam would only move them by rounding noise.)
+        self.stem = ConvNormAct(self.channels[0], norm=self.norm, dtype=self.dtype, name="stem")
         self.decoder_stages = [DecoderStage(self.channels[i], tuple(self.strides[i + 1]), self.norm,
                                             self.dtype, name=f"dec{i}") for i in range(n - 1)]
 
@@ -174,7 +178,7 @@ class UNet3D(nn.Module):
 
     def encode(self, images: jax.Array) -> list[jax.Array]:
         """Encoder outputs of every stage, full resolution first."""
-        x = self._check_input(images)
+        x = self.stem(self._check_input(images))
         skips = []
         for stage in self.encoder_stages:
             for block in stage:

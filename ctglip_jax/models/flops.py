@@ -60,15 +60,17 @@ def vit3d_param_count(model: ViT3D) -> int:
     width, mlp = model.width, model.mlp_dim
     patch = int(np.prod(model.patch_size)) * model.in_channels * width + width
     posemb = int(np.prod(model.posemb_grid)) * width
-    block = 4 * (width * width + width) + (width * mlp + mlp) + (mlp * width + width) + 2 * 2 * width
+    attention = 4 * width * width + 3 * width  # q, k, v, out kernels; biases on q, v, out (none on k)
+    block = attention + (width * mlp + mlp) + (mlp * width + width) + 2 * 2 * width
     return patch + posemb + model.depth * block + 2 * width
 
 
 def unet3d_forward_flops(model: UNet3D, image_size: Sequence[int]) -> float:
     """Forward FLOPs of the U-Net's convolutions on one example (encoder and decoder down to the output)."""
     size = tuple(int(s) for s in image_size)
-    c_prev, total, sizes = model.in_channels, 0.0, []
     cube = (3, 3, 3)
+    total = conv_flops(size, model.in_channels, model.channels[0], cube, (1, 1, 1))  # the stem
+    c_prev, sizes = model.channels[0], []
     for i, (channels, blocks) in enumerate(zip(model.channels, model.blocks, strict=True)):
         for j in range(blocks):
             strides = tuple(model.strides[i]) if j == 0 else (1, 1, 1)

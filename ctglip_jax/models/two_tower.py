@@ -39,7 +39,7 @@ class TwoTower(nn.Module):
     """Image and text towers with projections into one `embed_dim` space (fp32, L2-normalised)."""
 
     image_tower: nn.Module
-    text_tower: nn.Module
+    text_tower: nn.Module | None  # None: text arrives as pooled features (`project_text`)
     embed_dim: int = 512
     temperature_init: float = 0.07
     bias_init: float = -10.0
@@ -97,6 +97,9 @@ class TwoTower(nn.Module):
         lead = input_ids.shape[:-1]
         flat_ids = input_ids.reshape(-1, input_ids.shape[-1])
         flat_mask = attention_mask.reshape(-1, attention_mask.shape[-1])
+        if self.text_tower is None:
+            raise ConfigError("text_tower", "this model has no text tower (text_tower='none'): pass pooled "
+                                            "text features to project_text instead of token ids")
         pooled = self.text_tower(flat_ids, flat_mask, deterministic=not train)
         return self.project_text(pooled).reshape(*lead, self.embed_dim)
 

@@ -103,8 +103,11 @@ class SelfAttention(nn.Module):
         if width % self.num_heads:
             raise ConfigError("ViT3D", f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
-        proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, T, N, H)
+        proj = lambda name, bias=True: nn.DenseGeneral((self.num_heads, head_dim), use_bias=bias,
+                                                       dtype=self.dtype, name=name)
+        # No key bias: it adds q.b_k to every logit of a query's row, which the softmax cancels, so its
+        # gradient is identically zero and Adam would only turn rounding noise into updates.
+        q, k, v = proj("query")(x), proj("key", bias=False)(x), proj("value")(x)  # (B, T, N, H)
         if self.attention == "dot_product_attention":
             out = jax.nn.dot_product_attention(q, k, v)
         elif self.attention == "einsum":

@@ -52,7 +52,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     # Record i is case i of its split: the pipeline shuffles, and a stable order makes builds diffable.
     BUILDER_CONFIGS = [
         SyntheticConfig(name="tiny", description="Test size: 10 tiny phantoms.", preset="tiny",
-                        num_train=6, num_validation=2, num_test=2, seed=0),
+                        num_train=32, num_validation=8, num_test=8, seed=0),
         SyntheticConfig(name="small", description="Demo size.", preset="small",
                         num_train=64, num_validation=16, num_test=16, seed=1),
         SyntheticConfig(name="medium", description="A real single-host run (about 1.4 GB).", preset="medium",

@@ -1,0 +1,311 @@
+"""The training loop, top to bottom (big_vision style):
+
+    distributed init -> mesh -> data -> text bank -> model -> jax.eval_shape -> shardings -> jit(init)
+    -> restore (automatic resume) -> loop: step, log, checkpoint, evaluate.
+
+The step is one `jax.jit` over global arrays with explicit in/out shardings and a donated train state, so the
+same code runs on one CPU, on 8 fake devices, and on a multi-host GPU/TPU mesh. The text tower is frozen and
+evaluated on the host (`text_features.TextBank`, cached per sentence): the device step trains the image tower,
+both projections and the temperature. Everything random derives from `config.seed`; the data-iterator state,
+RNG and optimizer state go into every checkpoint, so a resumed run is the uninterrupted run, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ctglip_jax import checkpoint as ckpt_lib
+from ctglip_jax import config_lib, objective, optim, sharding
+from ctglip_jax.errors import CTGlipInputError
+
+log = logging.getLogger(__name__)
+
+# Fault injection for the resume test: after the checkpoint of this step is on disk, SIGKILL ourselves.
+KILL_AT_STEP_ENV = "CTGLIP_SIGKILL_AFTER_CHECKPOINT"
+
+
+class TrainingDivergedError(CTGlipInputError):
+    """The loss became NaN/Inf: the run stops before saving the bad state; the last checkpoint is good."""
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
+    """`jax.distributed.initialize` when this is one of several processes.
+
+    Explicit `config.distributed.*` fields win; otherwise JAX's own cluster detection (SLURM, TPU pods,
+    `JAX_COORDINATOR_ADDRESS`) is used when `config.distributed.auto` is set.
+    """
+    dist = config.get("distributed", ml_collections.ConfigDict())
+    if dist.get("coordinator_address"):
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator_address,
+            num_processes=int(dist.num_processes),
+            process_id=int(dist.process_id),
+            local_device_ids=dist.get("local_device_ids") or None,
+        )
+    elif dist.get("auto", False):
+        jax.distributed.initialize()
+
+
+def _host_batch_to_device(batch: dict, bank, sharding_: jax.sharding.Sharding, with_report: bool) -> dict:
+    """Adds host text features, drops host-only strings and places the rest as global arrays."""
+    feats = bank.batch_features(batch["slot_text"], batch.get("report") if with_report else None)
+    keep = {k: v for k, v in batch.items() if not _is_host_only(v)}
+    keep.update(feats)
+    wanted = objective.DEVICE_BATCH_KEYS + (("report_feat",) if with_report else ())
+    return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(keep[k])) for k in wanted}
+
+
+class ValidationLoss:
+    """The objective on a fixed set of validation batches (centre crops, no augmentation): a held-out curve.
+
+    The batches are read and placed once; the jitted loss compiles once. Metrics come back prefixed `val/`.
+    """
+
+    def __init__(self, config, data_cfg, bank, loss_fn, batch_sharding, with_report: bool):
+        from ctglip_jax.data.pipeline import InputPipeline
+
+        eval_cfg = dataclasses.replace(
+            data_cfg, split=config.eval.split, shuffle=False, random_augment=False, num_epochs=1
+        )
+        self.batches = []
+        with InputPipeline(eval_cfg) as pipeline:
+            for host_batch in pipeline:
+                self.batches.append(_host_batch_to_device(host_batch, bank, batch_sharding, with_report))
+                if len(self.batches) == int(config.eval.num_batches):
+                    break
+        self._loss = jax.jit(lambda params, batch, consts: loss_fn(params, batch, consts, None)[1])
+
+    def __call__(self, params, consts) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in self.batches:
+            for k, v in jax.device_get(self._loss(params, batch, consts)).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(self.batches)
+        return {f"val/{k}": v for k, v in totals.items()}
+
+
+def _is_host_only(value) -> bool:
+    """Strings (texts, case ids) stay on the host as numpy object arrays."""
+    return getattr(value, "dtype", None) == np.dtype(object)
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run hands back (tests and the demo use it; the CLI prints `metrics`)."""
+
+    metrics: dict[str, float]  # the last logged metrics
+    history: list[dict[str, float]]  # every logged step's metrics, with "step"
+    state: optim.TrainState
+    mesh: jax.sharding.Mesh
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainResult:
+    """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
+    from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig
+
+    maybe_initialize_distributed(config)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    total_steps = int(config.total_steps)
+
+    # ---- mesh
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+    if int(config.data.batch_size) % mesh.size:
+        raise CTGlipInputError(
+            "config.data.batch_size",
+            f"{config.data.batch_size} is not divisible by the {mesh.size} devices of the mesh",
+        )
+
+    # ---- data
+    data_cfg = PipelineConfig.from_mapping({**config.data.to_dict(), "build_if_missing": True})
+    pipeline = InputPipeline(data_cfg)  # host numpy; text features are added before placement
+
+    # ---- text bank (frozen text tower on the host)
+    bank = objective.make_text_bank(config)
+    consts = jax.device_put(bank.constants(), replicated)
+    with_report = float(config.loss.get("global_clip", 0.0)) > 0
+
+    # ---- model, abstract state, shardings
+    model = objective.make_model(config)
+    tx = optim.make_optimizer(config.optim)
+    sample = next(InputPipeline(data_cfg))
+    sample = {k: v for k, v in sample.items() if not _is_host_only(v)}
+    init_inputs = objective.init_inputs(sample, bank.prompt_feat.shape[-1])
+
+    def init_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        params = objective.init_params(model, init_rng, init_inputs)
+        return optim.TrainState.create(params, tx, state_rng)
+
+    rng = jax.random.PRNGKey(int(config.seed))
+    abstract = jax.eval_shape(init_state, rng)
+    state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))
+
+    # ---- checkpoints: restore or init
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, extra = checkpointer.restore(sharding.with_shardings(abstract, state_shardings), start)
+        pipeline.set_state(extra["data"])
+        log.info("resumed from step %d in %s", start, workdir)
+        if is_main:
+            print(f"resumed from checkpoint at step {start}", flush=True)
+    else:
+        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+        start = 0
+    config_json = config_lib.to_json(config)
+
+    # ---- the step
+    loss_fn = objective.make_loss_fn(model, config)
+
+    validation = None
+    if int(config.eval.every) > 0 and int(config.eval.num_batches) > 0:
+        validation = ValidationLoss(config, data_cfg, bank, loss_fn, batch_sharding, with_report)
+    nan_step = int(config.get("debug_nan_step", -1))
+
+    def objective_fn(params, batch, consts, rng, step):
+        loss, metrics = loss_fn(params, batch, consts, rng)
+        # Fault injection (tests): a NaN that reaches the gradients too, at 1-based step `debug_nan_step`.
+        return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), metrics
+
+    def train_step(state: optim.TrainState, batch: dict, consts: dict):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, consts, step_rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optim_global_norm(grads),
+            "lr": optim.learning_rate(config.optim, state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    step_fn = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    # ---- loop
+    writer = _summary_writer(workdir) if is_main else None
+    log_every = max(1, int(config.log_every))
+    ckpt_every = int(config.checkpoint_every)
+    pending: list[tuple[int, dict]] = []
+    last: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    order_log = open(os.path.join(workdir, "data_order.jsonl"), "a") if config.get("log_case_ids") else None
+    t0, examples_per_step, steps_timed = time.perf_counter(), int(config.data.batch_size), 0
+    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+
+    def flush_metrics() -> dict[str, float]:
+        """Fetch pending metrics; stop the run on a non-finite loss before anything is saved."""
+        nonlocal pending
+        fetched = [(s, jax.device_get(m)) for s, m in pending]
+        pending = []
+        for s, m in fetched:
+            if not math.isfinite(float(m["loss"])):
+                checkpointer.wait()
+                good = checkpointer.latest_step()
+                raise TrainingDivergedError(
+                    workdir,
+                    f"loss is {float(m['loss'])} at step {s}; stopped without saving it. "
+                    f"Last good checkpoint: step {good}. Lower config.optim.lr or check the data.",
+                )
+        history.extend({"step": s, **{k: float(v) for k, v in m.items()}} for s, m in fetched)
+        return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
+
+    def evaluate(step: int) -> None:
+        if validation is None:
+            return
+        metrics = validation(state.params, consts)
+        history.append({"step": step, **metrics})
+        if is_main:
+            print(f"eval step {step}: val/loss={metrics['val/loss']:.4f}", flush=True)
+            if writer is not None:
+                for k, v in metrics.items():
+                    writer.add_scalar(k, v, step)
+
+    if start == 0:
+        evaluate(0)
+    for step in range(start + 1, total_steps + 1):
+        host_batch = next(pipeline)
+        if order_log is not None and is_main:
+            order_log.write(
+                json.dumps({"step": step, "case_id": [str(c) for c in host_batch["case_id"]]}) + "\n"
+            )
+            order_log.flush()
+        batch = _host_batch_to_device(host_batch, bank, batch_sharding, with_report)
+        state, metrics = step_fn(state, batch, consts)
+        pending.append((step, metrics))
+        steps_timed += 1
+        if step % log_every == 0 or step == total_steps:
+            last = flush_metrics()
+            elapsed = time.perf_counter() - t0
+            rate = steps_timed * examples_per_step / max(elapsed, 1e-9)
+            eta = (total_steps - step) * elapsed / max(steps_timed, 1)
+            if is_main:
+                terms = " ".join(f"{k}={last[k]:.3f}" for k in sorted(last) if k.endswith("/loss"))
+                print(
+                    f"step {step}/{total_steps} loss={last['loss']:.4f} {terms} "
+                    f"{rate:.2f} ex/s ETA {_format_eta(eta)}",
+                    flush=True,
+                )
+                if writer is not None:
+                    for k, v in last.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/examples_per_sec", rate, step)
+                    writer.flush()
+            t0, steps_timed = time.perf_counter(), 0
+        if step % int(config.eval.every or total_steps) == 0 or step == total_steps:
+            evaluate(step)
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+            last = flush_metrics() or last
+            checkpointer.save(step, state, {"data": pipeline.get_state(), "config": config_json})
+            if step == kill_at:
+                checkpointer.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
+    last = flush_metrics() or last
+    checkpointer.wait()
+    checkpointer.close()
+    if writer is not None:
+        writer.close()
+    if order_log is not None:
+        order_log.close()
+    return TrainResult(metrics=last, history=history, state=state, mesh=mesh)
+
+
+def optim_global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _summary_writer(workdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboardX is a pinned dependency
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
