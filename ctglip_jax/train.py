@@ -176,6 +176,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
         state = jax.jit(init_state, out_shardings=state_shardings)(rng)
         start = 0
     config_json = config_lib.to_json(config)
+    if is_main:  # what evaluation rebuilds the model from (pretrained.load)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_json)
 
     # ---- the step
     loss_fn = objective.make_loss_fn(model, config)
