@@ -25,8 +25,8 @@ def test_synthetic_tiny_builds_from_the_console_script(tmp_path):
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "train: 6 records" in proc.stdout and "validation: 2 records" in proc.stdout
-    assert "test: 2 records" in proc.stdout
+    assert "train: 32 records" in proc.stdout and "validation: 8 records" in proc.stdout
+    assert "test: 8 records" in proc.stdout
     assert "Generating" in proc.stderr  # TFDS's tqdm progress bars
     assert "tensorflow" not in proc.stderr.lower().replace("tensorflow_datasets", "")
     assert (tmp_path / "ctglip_synthetic/tiny/1.0.0/dataset_info.json").exists()

@@ -192,18 +192,19 @@ def test_same_seed_same_batches_other_seed_other_batches(data_dir):
 
 def test_every_epoch_is_a_new_permutation_of_all_records(data_dir):
     cfg = PipelineConfig(**{**CFG.__dict__, "data_dir": data_dir})
-    ids = [c for batch in _take(InputPipeline(cfg), 6) for c in batch["case_id"]]  # 2 epochs of 6
-    assert sorted(ids[:6]) == sorted(ids[6:]) == [f"tiny_{i:06d}" for i in range(6)]
-    assert ids[:6] != ids[6:]
+    n = 32  # tiny's train split
+    ids = [c for batch in _take(InputPipeline(cfg), n // cfg.batch_size * 2) for c in batch["case_id"]]
+    assert sorted(ids[:n]) == sorted(ids[n:]) == [f"tiny_{i:06d}" for i in range(n)]  # 2 epochs
+    assert ids[:n] != ids[n:]
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(data_dir):
-    cfg = PipelineConfig(**{**CFG.__dict__, "data_dir": data_dir, "batch_size": 4, "num_epochs": 1})
+    cfg = PipelineConfig(**{**CFG.__dict__, "data_dir": data_dir, "batch_size": 6, "num_epochs": 1})
     seen = []
     for index in range(2):
         options = grain.sharding.ShardOptions(shard_index=index, shard_count=2, drop_remainder=True)
         shard = [c for batch in InputPipeline(cfg, shard_options=options) for c in batch["case_id"]]
-        assert len(shard) == 2  # 3 records per process, local batch 2, remainder dropped
+        assert len(shard) == 15  # 16 records per process, local batch 3: 5 batches, remainder dropped
         seen.append(set(shard))
     assert not seen[0] & seen[1]
     with pytest.raises(ConfigError, match="not divisible"):
