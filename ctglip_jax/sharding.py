@@ -49,8 +49,11 @@ def make_mesh(mesh_shape: Sequence[tuple[str, int]] | dict | None = None, device
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over all mesh axes, the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+    """Leading (batch) dimension split over the mesh's data axes (`data`, `fsdp`), the rest replicated."""
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if not axes:
+        raise ConfigError("<mesh>", f"mesh axes {mesh.axis_names} have no 'data' or 'fsdp' axis")
+    return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -121,7 +121,7 @@ class TrainResult:
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainResult:
     """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
-    from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig
+    from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
 
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
@@ -132,11 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    if int(config.data.batch_size) % mesh.size:
-        raise CTGlipInputError(
-            "config.data.batch_size",
-            f"{config.data.batch_size} is not divisible by the {mesh.size} devices of the mesh",
-        )
+    check_batch_divides(int(config.data.batch_size), mesh)
 
     # ---- data
     data_cfg = PipelineConfig.from_mapping({**config.data.to_dict(), "build_if_missing": True})

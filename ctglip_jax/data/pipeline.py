@@ -214,18 +214,6 @@ def make_dataset(
     return ids
 
 
-def batch_sharding(mesh):
-    """NamedSharding splitting the batch axis over the mesh's 'data' (and 'fsdp', if present) axes."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    if not axes:
-        raise ConfigError(
-            "<mesh>", f"mesh axes {mesh.axis_names} have no 'data' or 'fsdp' axis to shard a batch on"
-        )
-    return NamedSharding(mesh, PartitionSpec(axes if len(axes) > 1 else axes[0]))
-
-
 def check_batch_divides(batch_size: int, mesh) -> None:
     """The global batch must split evenly over the devices of the batch axes."""
     ways = int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.axis_names]))
@@ -273,6 +261,8 @@ class InputPipeline:
         self._iterator = iter(self._dataset)
         self._sharding = None
         if mesh is not None:
+            from ctglip_jax.sharding import batch_sharding
+
             self._sharding = batch_sharding(mesh)
             check_batch_divides(cfg.batch_size, mesh)
 
