@@ -37,8 +37,13 @@ DEVICE_BATCH_KEYS = (
 LOSS_TERMS = ("organ_text", "abnormality", "global_clip")
 
 
-def make_text_bank(config: ml_collections.ConfigDict, embedder=None) -> TextBank:
-    """The frozen text tower on the host, its prompt bank and (if used) the abnormality dictionary."""
+def make_text_bank(
+    config: ml_collections.ConfigDict, embedder=None, *, with_dictionary: bool = True
+) -> TextBank:
+    """The frozen text tower on the host, its prompt bank and (if used) the abnormality dictionary.
+
+    Inference passes `with_dictionary=False`: the dictionary (~700 sentences) only serves the training loss.
+    """
     from ctglip_jax.data.findings import abnormality_dictionary
     from ctglip_jax.models.text import TextEmbedder
 
@@ -49,7 +54,7 @@ def make_text_bank(config: ml_collections.ConfigDict, embedder=None) -> TextBank
             max_length=int(config.text.max_length),
             batch_size=int(config.text.batch_size),
         )
-    dictionary = abnormality_dictionary() if config.loss.use_dictionary else None
+    dictionary = abnormality_dictionary() if config.loss.use_dictionary and with_dictionary else None
     return TextBank(embedder, prompt_template=config.text.prompt, dictionary=dictionary)
 
 

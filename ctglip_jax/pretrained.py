@@ -59,5 +59,5 @@ def load(workdir: str | Path, step: int | None = None, embedder=None) -> Pretrai
     config = load_config(workdir)
     model = objective.make_model(config)
     params = checkpoint.load_params(workdir, step=step)
-    bank = objective.make_text_bank(config, embedder=embedder)
+    bank = objective.make_text_bank(config, embedder=embedder, with_dictionary=False)
     return Pretrained(config=config, model=model, params=params, bank=bank, workdir=Path(workdir))

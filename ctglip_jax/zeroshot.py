@@ -1,0 +1,428 @@
+"""Zero-shot inference on one scan: organ recognition, abnormality probabilities and text-to-voxel heatmaps.
+
+A scan goes through the preprocessing the model was trained with: canonical RAS+ (nibabel), linear
+resampling to the training data's voxel spacing, the configured HU window to [0, 1]. That grid is the
+*model grid*. The training crop is far smaller than a whole scan, and a ViT's position embeddings are sized
+to it, so the model sees the scan through sliding windows of exactly the training crop
+(`evaluators.sliding_window`):
+
+- heatmaps: per window, every feature cell's projected, normalised embedding (`TwoTower.encode_voxels`)
+  dotted with each query's text embedding (cosine similarity in [-1, 1]), upsampled (linear) to voxels
+  and blended across windows; then resampled (linear) from the model grid back onto the *input file's*
+  grid with the inverse geometry, so the NIfTI written has the input's shape and affine and overlays it in
+  any viewer.
+- organs (with a mask): per window, the per-organ feature sums and voxel counts of the label map
+  (`grounding.organ_sums`, the training pooling); summed over windows and divided, that is the
+  voxel-count-weighted mean of the window embeddings (the projection is affine, so projecting the mean
+  equals averaging the projections); then projected and normalised. Recognition: softmax over the 104
+  organ prompts with the model's logit scale. Abnormality: the paired-prompt probability of
+  `AbnormalityEvaluator` for every finding in every organ of the mask where that finding can occur.
+
+Where the spacing comes from (in this order): an explicit `spacing`; `spacing` in the workdir config's
+`data` section; the training dataset's records when it is built here (field `spacing`); its builder config
+(the synthetic phantom preset, or `ctglip_nifti`'s `preprocess.spacing`), which needs no data. The report
+says which one was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctglip_jax.data import ct, organs
+from ctglip_jax.errors import ConfigError, CTGlipInputError
+
+OVERLAP = 0.5
+TOP_K = 5
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- spacing
+def _builder_spacing(dataset: str, config_name: str | None, data_dir: str | None) -> tuple[Any, str]:
+    """(spacing or None, source) from the dataset's records when built, else from its builder config."""
+    from ctglip_jax.data import datasets
+
+    try:
+        builder = datasets.make_builder(dataset, config_name or None, data_dir or None)
+    except (CTGlipInputError, ImportError):
+        return None, ""
+    name = f"{dataset}/{builder.builder_config.name}"
+    if builder.is_prepared():
+        for split in builder.info.splits:
+            source = builder.as_data_source(split=split)
+            if len(source):
+                return np.asarray(source[0]["spacing"], np.float64), f"records of {name} ({split}[0])"
+    cfg = builder.builder_config
+    if hasattr(cfg, "preprocess"):
+        return np.asarray(cfg.preprocess.spacing, np.float64), f"builder config {name} (preprocess.spacing)"
+    if hasattr(cfg, "preset"):
+        from ctglip_jax.data.synthetic import PhantomConfig
+
+        return np.asarray(PhantomConfig.preset(cfg.preset).spacing, np.float64), f"builder config {name}"
+    return None, ""
+
+
+def training_spacing(config, override: Sequence[float] | None = None) -> tuple[tuple[float, ...], str]:
+    """`(spacing mm, where it came from)` of the data the model was trained on (see the module docstring)."""
+    if override is not None:
+        spacing, source = np.asarray(override, np.float64), "given explicitly"
+    elif config.data.get("spacing"):
+        spacing, source = np.asarray(config.data.spacing, np.float64), "workdir config (data.spacing)"
+    else:
+        spacing, source = _builder_spacing(
+            config.data.dataset, config.data.get("config"), config.data.get("data_dir")
+        )
+        if spacing is None:
+            raise ConfigError(
+                "spacing",
+                f"cannot tell the training spacing of dataset "
+                f"{config.data.dataset!r}: pass it explicitly (--spacing X Y Z)",
+            )
+    spacing = np.broadcast_to(spacing, (3,))
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ConfigError("spacing", f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
+    return tuple(float(s) for s in spacing), source
+
+
+# ------------------------------------------------------------------------------------------ preparation
+@dataclasses.dataclass(frozen=True)
+class InputGrid:
+    """The input file's voxel grid as stored (what output NIfTIs must match)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    orientation: str
+    spacing: tuple[float, float, float]
+
+
+@dataclasses.dataclass
+class PreparedScan:
+    """A scan on the model grid: `image` in [0, 1] (canonical RAS+, training spacing), `labels` or None."""
+
+    image: np.ndarray
+    labels: np.ndarray | None
+    affine: np.ndarray
+    input: InputGrid
+    window: tuple[float, float]
+    source: str
+
+
+def input_grid(path: str | Path, vol: ct.CTVolume) -> InputGrid:
+    """The stored grid of a NIfTI file (a DICOM folder has no stored NIfTI grid: its canonical one)."""
+    import nibabel as nib
+
+    if Path(path).is_dir():
+        affine, shape = vol.affine, vol.shape
+    else:
+        img = nib.load(str(path))
+        affine, shape = np.asarray(img.affine, np.float64), tuple(int(n) for n in img.shape[:3])
+    return InputGrid(
+        shape,
+        affine,
+        "".join(nib.aff2axcodes(affine)),
+        tuple(float(s) for s in nib.affines.voxel_sizes(affine)),
+    )
+
+
+def prepare_scan(
+    ct_path: str | Path, mask_path: str | Path | None, spacing: Sequence[float], window: Sequence[float]
+) -> PreparedScan:
+    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window."""
+    vol = ct.load_ct(ct_path)
+    labels = ct.load_label_map(mask_path, reference=vol) if mask_path is not None else None
+    grid = input_grid(ct_path, vol)
+    resampled = ct.resample(vol, spacing, order=1)
+    model_labels = None
+    if labels is not None:
+        model_labels = np.asarray(ct.resample(labels, spacing, order=0).data, np.int32)
+    lo, hi = (float(w) for w in window)
+    image = np.ascontiguousarray(ct.window_hu(resampled.data, lo, hi))
+    return PreparedScan(image, model_labels, resampled.affine, grid, (lo, hi), str(ct_path))
+
+
+def to_input_grid(values: np.ndarray, model_affine: np.ndarray, grid: InputGrid) -> np.ndarray:
+    """Resample a model-grid volume (linear) onto the input grid: voxel j of the input reads the model grid
+    at `inv(model_affine) @ input_affine @ j`; points past the last model voxel take the nearest one."""
+    from scipy import ndimage
+
+    to_model = np.linalg.inv(np.asarray(model_affine, np.float64)) @ np.asarray(grid.affine, np.float64)
+    return ndimage.affine_transform(
+        np.asarray(values, np.float32),
+        to_model[:3, :3],
+        offset=to_model[:3, 3],
+        output_shape=grid.shape,
+        order=1,
+        mode="nearest",
+        output=np.float32,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the model
+def _padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
+    """Centred padding of axes shorter than the window (`SlidingWindow`'s rule)."""
+    before = [max(w - s, 0) // 2 for s, w in zip(shape, window, strict=True)]
+    return [(b, max(w - s, 0) - b) for s, w, b in zip(shape, window, before, strict=True)]
+
+
+class ScanInference:
+    """A pretrained model applied to whole scans through sliding windows of its training crop."""
+
+    def __init__(self, pretrained, *, overlap: float = OVERLAP, batch_size: int = 2):
+        import jax
+
+        from ctglip_jax.evaluators.prompts import TextEncoder
+        from ctglip_jax.evaluators.sliding_window import SlidingWindow
+        from ctglip_jax.models.grounding import organ_sums
+        from ctglip_jax.models.two_tower import TwoTower
+
+        self.pretrained = pretrained
+        self.config = pretrained.config
+        self.params = pretrained.params
+        self.window = tuple(int(w) for w in self.config.data.crop_shape)
+        self.overlap = overlap
+        self.batch_size = batch_size
+        self.min_voxels = int(self.config.data.get("min_organ_voxels", 8))
+        self.zero_shot = pretrained.zero_shot_model()
+        self.encode_text = TextEncoder(self.zero_shot.text_features, self.zero_shot.project_text, self.params)
+        model = pretrained.model
+
+        def similarity(params, windows):
+            voxels = model.apply({"params": params["model"]}, windows, method=TwoTower.encode_voxels)
+            sims = jax.numpy.einsum("bxyze,qe->bxyzq", voxels, params["text"])
+            return jax.image.resize(sims, (*windows.shape[:4], sims.shape[-1]), method="linear")
+
+        def window_sums(params, windows, labels):
+            features = model.apply({"params": params}, windows, method=TwoTower.dense_features)
+            return organ_sums(features, labels, model.num_labels)
+
+        def project(params, pooled):
+            return model.apply({"params": params}, pooled, method=TwoTower.project_image)
+
+        self._heatmap = SlidingWindow(similarity, self.window, overlap=overlap, batch_size=batch_size)
+        self._window_sums = jax.jit(window_sums)
+        self._project = jax.jit(project)
+
+    def num_windows(self, shape: Sequence[int]) -> int:
+        padded = [s + a + b for s, (a, b) in zip(shape, _padding(shape, self.window), strict=True)]
+        return len(self._heatmap.windows(padded))
+
+    def heatmaps(self, image: np.ndarray, queries: Sequence[str]) -> np.ndarray:
+        """`(X, Y, Z, Q)` cosine similarity of every voxel's embedding to each query, on the model grid."""
+        text = np.asarray(self.encode_text(list(queries)), np.float32)
+        return self._heatmap({"model": self.params, "text": text}, image)
+
+    def organ_embeddings(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`(104, E)` normalised organ embeddings (zero rows where absent) and `(104,)` voxel counts."""
+        pad = _padding(image.shape, self.window)
+        image = np.pad(np.asarray(image, np.float32), pad)
+        labels = np.pad(np.asarray(labels, np.int32), pad)
+        corners = self._heatmap.windows(image.shape)
+        wx, wy, wz = self.window
+        sums = counts = None
+        for first in range(0, len(corners), self.batch_size):
+            chunk = corners[first : first + self.batch_size]
+            crops = [
+                (image[x : x + wx, y : y + wy, z : z + wz], labels[x : x + wx, y : y + wy, z : z + wz])
+                for x, y, z in chunk
+            ]
+            crops += [(np.zeros(self.window, np.float32), np.zeros(self.window, np.int32))] * (
+                self.batch_size - len(chunk)
+            )  # all-background fillers add nothing to the sums
+            s, c = self._window_sums(
+                self.params, np.stack([a for a, _ in crops]), np.stack([b for _, b in crops])
+            )
+            s, c = np.asarray(s, np.float64).sum(0), np.asarray(c, np.float64).sum(0)
+            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        voxels = np.bincount(labels.reshape(-1), minlength=organs.NUM_CLASSES + 1)[1 : organs.NUM_CLASSES + 1]
+        present = voxels >= max(self.min_voxels, 1)
+        mean = sums[1:] / np.maximum(counts[1:], 1.0)[:, None]
+        embeddings = np.asarray(self._project(self.params, mean.astype(np.float32)), np.float32)
+        return np.where(present[:, None], embeddings, 0.0), voxels
+
+    def recognise(self, embeddings: np.ndarray, voxels: np.ndarray, top_k: int = TOP_K) -> dict[str, Any]:
+        """Per organ present: the top-k organ prompts, softmax probabilities (model's logit scale)."""
+        from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
+
+        template = self.config.text.get("prompt", "A CT image of the {organ}.")
+        prompts = OrganRecognitionEvaluator(self.zero_shot, templates=(template,)).prompt_embeddings(
+            self.params
+        )
+        scale = float(np.asarray(self.zero_shot.logit_scale(self.params)))
+        names = organs.v1_names()
+        out = {}
+        for index in np.flatnonzero(voxels >= max(self.min_voxels, 1)):
+            logits = scale * (prompts.astype(np.float64) @ embeddings[index].astype(np.float64))
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")[:top_k]
+            out[names[index + 1]] = {
+                "id": int(index + 1),
+                "voxels": int(voxels[index]),
+                "top": [{"organ": names[j + 1], "probability": float(probs[j])} for j in order],
+                "correct": bool(order[0] == index),
+            }
+        return out
+
+    def abnormality(self, embeddings: np.ndarray, voxels: np.ndarray) -> dict[str, dict[str, float]]:
+        """{finding: {organ: P(present)}} for every finding and every organ of the mask it can occur in."""
+        from ctglip_jax.data.findings import FINDINGS
+        from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pair_probabilities
+
+        present = voxels >= max(self.min_voxels, 1)
+        findings = [f for f in FINDINGS if any(present[organs.organ_id(o) - 1] for o in f.organs)]
+        if not findings:
+            return {}
+        evaluator = AbnormalityEvaluator(self.zero_shot, findings=findings)
+        pairs = evaluator.pair_embeddings(self.params)
+        scale = float(np.asarray(self.zero_shot.logit_scale(self.params)))
+        out: dict[str, dict[str, float]] = {}
+        for finding in findings:
+            for organ in finding.organs:
+                oid = organs.organ_id(organ)
+                if present[oid - 1]:
+                    p = pair_probabilities(embeddings[oid - 1][None], *pairs[(finding.name, oid)], scale)
+                    out.setdefault(finding.name, {})[organ] = float(p[0])
+        return out
+
+
+# ------------------------------------------------------------------------------------------ one command
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()[:limit] or "query"
+
+
+def check_queries(queries: Sequence[str]) -> list[str]:
+    out = []
+    for i, query in enumerate(queries):
+        if not str(query).strip():
+            raise CTGlipInputError(f"--query #{i + 1}", "empty query text: say what to look for")
+        out.append(" ".join(str(query).split()))
+    return out
+
+
+def run_zeroshot(
+    workdir: str | Path,
+    ct_path: str | Path,
+    out_dir: str | Path,
+    *,
+    mask_path: str | Path | None = None,
+    queries: Sequence[str] = (),
+    step: int | None = None,
+    spacing: Sequence[float] | None = None,
+    overlap: float = OVERLAP,
+    pretrained=None,
+    progress: Callable[[str], None] = _stderr,
+) -> dict[str, Any]:
+    """Everything `ctglip zeroshot` does; returns (and writes as `zeroshot.json`) the result dict.
+
+    `pretrained` (from `pretrained.load`) skips loading the workdir again (tests, notebooks).
+    """
+    import nibabel as nib
+
+    from ctglip_jax import pretrained as pretrained_lib
+    from ctglip_jax.evaluation import checkpoint_step
+
+    queries = check_queries(queries)
+    if mask_path is None and not queries:
+        raise CTGlipInputError("<arguments>", "nothing to do: give --mask (organ scores) and/or --query TEXT")
+    config = pretrained.config if pretrained is not None else pretrained_lib.load_config(workdir)
+    chosen_step = checkpoint_step(workdir, step)
+    spacing_out, spacing_source = training_spacing(config, spacing)
+    window = tuple(float(w) for w in config.data.get("window", ct.DEFAULT_WINDOW))
+    scan = prepare_scan(ct_path, mask_path, spacing_out, window)  # input errors surface before any output
+    progress(
+        f"prepared {ct_path}: {scan.input.orientation} {list(scan.input.shape)} -> RAS+ "
+        f"{list(scan.image.shape)} at {spacing_out} mm ({spacing_source}), HU window {window}"
+    )
+    if pretrained is None:
+        progress(f"loading the model of {workdir} (step {chosen_step})")
+        pretrained = pretrained_lib.load(workdir, step=step)
+    inference = ScanInference(pretrained, overlap=overlap)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_windows = inference.num_windows(scan.image.shape)
+    result: dict[str, Any] = {
+        "report": {
+            "checkpoint": {"workdir": str(workdir), "step": chosen_step},
+            "input": {
+                "path": str(ct_path),
+                "mask": None if mask_path is None else str(mask_path),
+                "shape": list(scan.input.shape),
+                "spacing_mm": list(scan.input.spacing),
+                "orientation": scan.input.orientation,
+            },
+            "preprocessing": {
+                "orientation": "reoriented to canonical RAS+ (nibabel as_closest_canonical)",
+                "spacing_mm": list(spacing_out),
+                "spacing_source": spacing_source,
+                "resampling": "linear (image), nearest (mask)",
+                "model_grid_shape": list(scan.image.shape),
+                "hu_window": list(window),
+                "intensity": "HU clipped to the window and mapped linearly to [0, 1]",
+            },
+            "sliding_window": {
+                "window": list(inference.window),
+                "overlap": overlap,
+                "windows": n_windows,
+                "blending": "gaussian importance map (heatmaps); voxel-count weighted (organs)",
+            },
+        },
+    }
+    if scan.labels is not None:
+        progress(f"organ embeddings over {n_windows} window(s)")
+        embeddings, voxels = inference.organ_embeddings(scan.image, scan.labels)
+        recognition = inference.recognise(embeddings, voxels)
+        result["organs"] = recognition
+        result["organ_recognition_top1"] = (
+            float(np.mean([o["correct"] for o in recognition.values()])) if recognition else None
+        )
+        result["abnormality"] = inference.abnormality(embeddings, voxels)
+    if queries:
+        from ctglip_jax import plots
+
+        progress(f"{len(queries)} heatmap(s) over {n_windows} window(s)")
+        maps = inference.heatmaps(scan.image, queries)
+        result["queries"] = []
+        for i, query in enumerate(queries):
+            stem = f"heatmap_{i + 1:02d}_{_slug(query)}"
+            on_input = to_input_grid(maps[..., i], scan.affine, scan.input)
+            img = nib.Nifti1Image(on_input, scan.input.affine)
+            img.set_sform(scan.input.affine, code=1)
+            img.set_qform(scan.input.affine, code=1)
+            img.header.set_xyzt_units("mm")
+            nib.save(img, str(out_dir / f"{stem}.nii.gz"))
+            peak = np.unravel_index(int(np.argmax(on_input)), on_input.shape)
+            plots.heatmap_overlay(
+                scan.image,
+                maps[..., i],
+                out_dir / f"{stem}.png",
+                title=query,
+                labels=scan.labels,
+                spacing=spacing_out,
+            )
+            result["queries"].append(
+                {
+                    "text": query,
+                    "nifti": f"{stem}.nii.gz",
+                    "png": f"{stem}.png",
+                    "similarity_min": float(on_input.min()),
+                    "similarity_max": float(on_input.max()),
+                    "peak_voxel": [int(v) for v in peak],
+                    "peak_world_mm": [float(v) for v in nib.affines.apply_affine(scan.input.affine, peak)],
+                }
+            )
+        result["report"]["heatmaps"] = (
+            "cosine similarity of each voxel's embedding to the query, blended over windows on the model "
+            "grid, then resampled linearly onto the input grid (same shape and affine as the input file)"
+        )
+    (out_dir / "zeroshot.json").write_text(json.dumps(result, indent=2))
+    return result
