@@ -38,7 +38,7 @@ from ctglip_jax.errors import ConfigError
 
 Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 LABEL_KEYS = ("label_map", "tumor_mask", "label")  # voxel-aligned with the volume: cropped the same way
-PASS_KEYS = ("finding_labels", "has_tumor", "organ_abnormal")
+PASS_KEYS = ("finding_labels", "finding_organ", "has_tumor", "organ_abnormal")
 HOST_KEYS = ("slot_text", "report", "case_id")
 STATE_VERSION = 1
 

@@ -47,11 +47,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Synthetic CT-report pairs; `tiny` for tests, `small` for the demo, `medium`/`large` for real runs."""
 
     name = "ctglip_synthetic"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "finding_organ (each finding's organ); tiny 32/8/8."}
     # Record i is case i of its split: the pipeline shuffles, and a stable order makes builds diffable.
     BUILDER_CONFIGS = [
-        SyntheticConfig(name="tiny", description="Test size: 10 tiny phantoms.", preset="tiny",
+        SyntheticConfig(name="tiny", description="Test size: 48 tiny phantoms.", preset="tiny",
                         num_train=32, num_validation=8, num_test=8, seed=0),
         SyntheticConfig(name="small", description="Demo size.", preset="small",
                         num_train=64, num_validation=16, num_test=16, seed=1),
@@ -80,6 +80,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     **datasets.volume_features(shape),
                     "tumor_mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
                     "finding_labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int8),
+                    # v1 id of the organ holding each finding (0 = absent): organ-level AD labels.
+                    "finding_organ": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int16),
                     **datasets.report_features(),
                 }
             ),
@@ -98,6 +100,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return generators
 
     def _generate_examples(self, indices):
+        from ctglip_jax.data import organs
         from ctglip_jax.data.findings import FINDINGS
         from ctglip_jax.data.synthetic import generate_case
 
@@ -106,8 +109,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for index in indices:
             case = generate_case(case_seed(self.builder_config.seed, index), phantom)
             labels = np.zeros(len(FINDINGS), np.int8)
+            finding_organ = np.zeros(len(FINDINGS), np.int16)
             for finding in case.findings:
                 labels[finding_index[finding["name"]]] = 1
+                finding_organ[finding_index[finding["name"]]] = organs.organ_id(finding["organ"])
             case_id = f"{self.builder_config.name}_{index:06d}"
             yield case_id, {
                 "case_id": case_id,
@@ -117,5 +122,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "affine": np.asarray(case.affine, np.float32),
                 "tumor_mask": np.asarray(case.tumor_mask, np.uint8),
                 "finding_labels": labels,
+                "finding_organ": finding_organ,
                 **datasets.organ_report_arrays(case.report, case.organ_texts, case.abnormal),
             }
