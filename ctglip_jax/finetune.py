@@ -1,0 +1,519 @@
+"""Downstream fine-tuning of a pretrained image tower: tumour detection and tumour segmentation.
+
+This is the orchestration behind `ctglip finetune` (and the demo / reproduction scripts): it resolves the
+data, builds crops with the training input pipeline, puts the right head on the pretrained tower, trains
+it with the evaluator library (`evaluators/tumor_detection.py`, `evaluators/segmentation.py`) and scores
+the test split. Every result is a JSON-ready dict with the metrics, the settings, the seed and the
+pretrained step, so a "does pretraining help" comparison is two calls that differ only in `from_scratch`.
+
+Protocol (chosen here; the paper gives none):
+- Crops: the pretraining crop unless asked otherwise; it must be a multiple of the ViT patch / the U-Net's
+  total stride. Training batches are random crops (the training pipeline's augmentation, seeded);
+  evaluation crops are centred, unshuffled, one pass, and the last partial batch is kept.
+- Detection label: tumour present *in the crop* (any voxel of the cropped `tumor_mask`), else the case's
+  `has_tumor`. `probe`: logistic regression on frozen mean-pooled features of the train split's centre
+  crops (no augmentation, as CLIP's probe); `full`: encoder + linear head trained end to end on random
+  crops, the head initialised from a linear probe on random training crops (LP-FT). Test: AUC, and
+  accuracy / F1 / sensitivity / specificity at the ROC-optimal (Youden) threshold.
+- Segmentation: the UNETR head on a ViT, the 1x1x1 head on the U-Net's full-resolution map; background +
+  tumour; `full` trains everything, `probe` freezes the encoder. Test: sliding-window inference over whole
+  volumes (window = crop, 50% overlap, Gaussian blending of softmax probabilities), Dice per class.
+- Optimiser: AdamW with linear warmup (10% of the steps) and cosine decay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctglip_jax.errors import ConfigError, CTGlipInputError, InputNotFoundError
+
+MODES = ("probe", "full")
+DEFAULT_STEPS = {("detection", "probe"): 300, ("detection", "full"): 200, ("segmentation", "probe"): 200,
+                 ("segmentation", "full"): 200}
+DEFAULT_LR = {("detection", "probe"): 0.05, ("detection", "full"): 1e-4, ("segmentation", "probe"): 1e-3,
+              ("segmentation", "full"): 3e-4}
+RESULT_FILE = "finetune_{task}.json"
+LPFT_EPOCHS, LPFT_MAX_BATCHES, LPFT_L2 = 2, 64, 0.1  # the full detection fine-tune's starting head
+MSD_MANIFEST = "dataset.json"
+
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pretrained side.
+
+
+def load_pretrained(workdir: str | Path, step: int | None = None):
+    """`pretrained.Pretrained` without the text tower (fine-tuning needs the image tower alone).
+
+    `pretrained.load` also embeds the whole prompt bank with the text tower; here `bank` is None.
+    """
+    from ctglip_jax import checkpoint, objective, pretrained
+
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise InputNotFoundError(workdir, "no such workdir (expected a `ctglip train` workdir)")
+    config = pretrained.load_config(workdir)
+    params = checkpoint.load_params(workdir, step=step)
+    return pretrained.Pretrained(config=config, model=objective.make_model(config), params=params, bank=None,
+                                 workdir=workdir)
+
+
+def checkpoint_step(workdir: Path, step: int | None) -> int | None:
+    """The step `load_params` reads: `step`, else the workdir's latest complete one."""
+    if step is not None:
+        return int(step)
+    from ctglip_jax import checkpoint
+
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return None
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        return ckpt.latest_step()
+
+
+def crop_multiple(tower) -> tuple[int, int, int]:
+    """What every crop side must be a multiple of: the ViT patch, or the U-Net's total stride."""
+    from ctglip_jax.models.cnn3d import UNet3D, total_stride
+    from ctglip_jax.models.vit3d import ViT3D
+
+    if isinstance(tower, ViT3D):
+        return tuple(int(p) for p in tower.patch_size)  # type: ignore[return-value]
+    if isinstance(tower, UNet3D):
+        return total_stride(tower.strides)
+    return (1, 1, 1)
+
+
+def check_crop(crop: Sequence[int], tower) -> tuple[int, int, int]:
+    """The crop as a tuple, or a ConfigError naming --crop (caught before any data build or compile)."""
+    from ctglip_jax.models.vit3d import ViT3D
+
+    crop = tuple(int(c) for c in crop)
+    multiple = crop_multiple(tower)
+    if len(crop) != 3 or min(crop) < 1 or any(c % m for c, m in zip(crop, multiple, strict=True)):
+        raise ConfigError(
+            "--crop",
+            f"crop {crop} must be 3 positive sizes, each a multiple of {multiple} "
+            f"(the {type(tower).__name__}'s {'patch size' if isinstance(tower, ViT3D) else 'total stride'})",
+        )
+    return crop  # type: ignore[return-value]
+
+
+def encoder_params(pretrained, tower, crop: Sequence[int], *, from_scratch: bool, seed: int) -> Any:
+    """The pretrained image-tower params, or (baseline) a fresh seeded init of the same architecture."""
+    import jax
+    import jax.numpy as jnp
+
+    if not from_scratch:
+        return pretrained.image_tower_params()
+    images = jnp.zeros((1, *crop), jnp.float32)
+    return jax.jit(tower.init)(jax.random.PRNGKey(seed), images)["params"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """A TFDS dataset to fine-tune on; `manual_dir` is the user's folder for builders that need one."""
+
+    name: str
+    config: str | None
+    data_dir: str | None
+    manual_dir: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}:{self.config}" if self.config else self.name
+
+
+def parse_data(spec: str, data_dir: str | None = None, manual_dir: str | None = None) -> DataSpec:
+    """`NAME[:CONFIG]`, or an MSD task folder `PATH[:CONFIG]` (-> `msd_tumor` with that manual dir)."""
+    from ctglip_jax.data import datasets
+
+    spec = str(spec).strip()
+    for path, config in ((spec, None), *([tuple(spec.rsplit(":", 1))] if ":" in spec else [])):
+        if (Path(path).expanduser() / MSD_MANIFEST).is_file():
+            return DataSpec("msd_tumor", config or "default", data_dir, str(Path(path).expanduser()))
+    name, _, config = spec.partition(":")
+    if name not in datasets.BUILDER_NAMES:
+        if Path(name).expanduser().exists():
+            raise CTGlipInputError(name, f"not an MSD task folder (no {MSD_MANIFEST} in it)")
+        raise ConfigError(
+            "--data", f"unknown dataset {name!r}; use one of {', '.join(datasets.BUILDER_NAMES)} "
+                      "(optionally NAME:CONFIG) or an MSD task folder"
+        )
+    return DataSpec(name, config or None, data_dir, manual_dir)
+
+
+def prepare_data(data: DataSpec, task: str, log: Log) -> tuple[DataSpec, set[str], dict[str, int]]:
+    """Checks the dataset has tumour labels, builds it if missing; returns the spec (config filled in), its
+    feature keys and split sizes."""
+    from ctglip_jax.data import datasets
+
+    builder = datasets.make_builder(data.name, data.config, data.data_dir)
+    keys = set(builder.info.features.keys())
+    if "tumor_mask" not in keys and not (task == "detection" and "has_tumor" in keys):
+        raise ConfigError(data.label, "has no tumour labels (tumor_mask / has_tumor); use ctglip_synthetic "
+                                      "or an msd_tumor build")
+    if not builder.is_prepared():
+        if data.name != "ctglip_synthetic" and not data.manual_dir:
+            raise CTGlipInputError(
+                builder.data_dir, f"{data.label} is not built; pass --manual-dir (your folder) to build it"
+            )
+        log(f"building {data.label} under {data.data_dir or datasets.default_data_dir()} ...")
+    summary = datasets.build(data.name, data.config, data.data_dir, data.manual_dir)
+    return dataclasses.replace(data, config=summary.config), keys, dict(summary.records)
+
+
+def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: int, *, split: str,
+                     train: bool):
+    from ctglip_jax.data.pipeline import PipelineConfig
+
+    pre = pretrained.config.data
+    return PipelineConfig(
+        dataset=data.name,
+        config=data.config,
+        split=split,
+        data_dir=data.data_dir,
+        batch_size=batch_size,
+        crop_shape=tuple(crop),
+        num_slots=1,  # slots are for the contrastive objective; keep their cost negligible here
+        flip_axes=tuple(pre.get("flip_axes", ())),
+        hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)) if train else 0.0,
+        hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)) if train else 0.0,
+        window=tuple(pre.get("window", (-1150.0, 350.0))),
+        seed=seed,
+        shuffle=train,
+        random_augment=train,
+        num_epochs=None if train else 1,
+        read_threads=1,
+    )
+
+
+def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int):
+    """An endless, seeded stream of random-crop training batches (numpy)."""
+    from ctglip_jax.data.pipeline import InputPipeline
+
+    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True)
+    return InputPipeline(cfg)
+
+
+def evaluation_batches(
+    data: DataSpec, pretrained, crop, batch_size: int, split: str, keys: Sequence[str]
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every record of `split` once, centre-cropped, in order, in batches of `batch_size` (last one partial).
+
+    The pipeline runs with batches of one (its batching drops the remainder) regrouped here; lazily, so a
+    large split never sits in memory at once.
+    """
+    from ctglip_jax.data.pipeline import InputPipeline
+
+    cfg = _pipeline_config(data, pretrained, crop, 1, 0, split=split, train=False)
+    with InputPipeline(cfg) as pipeline:
+        while chunk := list(itertools.islice(pipeline, batch_size)):
+            yield {k: np.concatenate([b[k] for b in chunk]) for k in keys if k in chunk[0]}
+
+
+def whole_volumes(data: DataSpec, pretrained, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """Uncropped test cases `{image (1, X, Y, Z) in [0, 1], tumor_mask (1, X, Y, Z)}` (sliding window)."""
+    from ctglip_jax.data import datasets
+    from ctglip_jax.data.augment import window
+
+    lo, hi = tuple(pretrained.config.data.get("window", (-1150.0, 350.0)))
+    source = datasets.data_source(data.name, data.config, split, data.data_dir)
+    for i in range(len(source)):
+        record = source[i]
+        yield {
+            "image": window(np.asarray(record["volume"]), lo, hi)[None],
+            "tumor_mask": (np.asarray(record["tumor_mask"]) > 0).astype(np.int32)[None],
+        }
+
+
+def _progress(batches: Iterable, steps: int, what: str, log: Log) -> Iterator:
+    """Passes `steps` batches through, logging how far the training loop has got (it has no hook)."""
+    every = max(1, steps // 10)
+    start = time.perf_counter()
+    for i, batch in enumerate(itertools.islice(batches, steps)):
+        if i % every == 0 and i:
+            elapsed = time.perf_counter() - start
+            log(f"{what}: step {i}/{steps}, {elapsed:.0f} s, ETA {elapsed / i * (steps - i):.0f} s")
+        yield batch
+
+
+def _optimizer(lr: float, steps: int, weight_decay: float):
+    import optax
+
+    warmup = max(1, steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
+    return optax.adamw(schedule, weight_decay=weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tasks.
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What both tasks resolve first (cheap checks before any dataset build or compilation)."""
+
+    data: DataSpec
+    keys: set[str]
+    records: dict[str, int]
+    tower: Any
+    crop: tuple[int, int, int]
+    encoder_params: Any
+    settings: dict[str, Any]
+    result: dict[str, Any]
+
+
+def _setup(task: str, pretrained, data, mode: str, steps, lr, batch_size: int, crop, seed: int,
+           from_scratch: bool, data_dir, manual_dir, pretrained_step, log: Log) -> _Setup:
+    if mode not in MODES:
+        raise ConfigError("--mode", f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    steps = int(steps if steps is not None else DEFAULT_STEPS[task, mode])
+    if steps < 1 or batch_size < 1:
+        raise ConfigError("--steps/--batch-size", f"must be >= 1, got {steps} steps, batch {batch_size}")
+    lr = float(lr if lr is not None else DEFAULT_LR[task, mode])
+    tower = pretrained.model.image_tower
+    crop = check_crop(crop if crop is not None else pretrained.config.data.crop_shape, tower)
+    if not isinstance(data, DataSpec):
+        pre = pretrained.config.data
+        default = f"{pre.dataset}:{pre.config}" if pre.get("config") else str(pre.dataset)
+        data = parse_data(data or default, data_dir or pre.get("data_dir") or None, manual_dir)
+    data, keys, records = prepare_data(data, task, log)
+    for split in ("train", "test"):
+        if not records.get(split):
+            raise ConfigError(data.label, f"has no {split!r} split (splits: {records})")
+    settings = {
+        "task": task, "mode": mode, "steps": steps, "learning_rate": lr, "batch_size": batch_size,
+        "crop": list(crop), "seed": seed, "from_scratch": bool(from_scratch),
+    }
+    result = {
+        "task": task,
+        "settings": settings,
+        "pretrained": {
+            "workdir": str(pretrained.workdir),
+            "step": checkpoint_step(pretrained.workdir, pretrained_step),
+            "image_tower": str(pretrained.config.model.image_tower),
+            "encoder": "random init (from scratch)" if from_scratch else "pretrained",
+        },
+        "data": {"name": data.name, "config": data.config, "data_dir": data.data_dir,
+                 "manual_dir": data.manual_dir, "records": records},
+    }
+    params = encoder_params(pretrained, tower, crop, from_scratch=from_scratch, seed=seed)
+    encoder = f"{'random-init' if from_scratch else 'pretrained'} {type(tower).__name__}"
+    log(f"{task}/{mode}: {data.label}, crop {crop}, {steps} steps, lr {lr:g}, batch {batch_size}, {encoder}")
+    return _Setup(data, keys, records, tower, crop, params, settings, result)
+
+
+def run_detection(
+    pretrained,
+    *,
+    data: str | DataSpec | None = None,
+    mode: str = "probe",
+    steps: int | None = None,
+    batch_size: int = 4,
+    lr: float | None = None,
+    crop: Sequence[int] | None = None,
+    seed: int = 0,
+    from_scratch: bool = False,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    pretrained_step: int | None = None,
+    log: Log = stderr_log,
+) -> dict[str, Any]:
+    """Tumour detection (`probe` or `full`) on `data`'s train split, AUC/accuracy/F1 on its test split.
+
+    `pretrained`: a `pretrained.Pretrained` (`load_pretrained(workdir)`); `data`: `NAME[:CONFIG]`, an MSD
+    folder or a `DataSpec` (default: the pretraining dataset). Returns the JSON-ready result dict.
+    """
+    import jax
+
+    from ctglip_jax.evaluators import tumor_detection as T
+    from ctglip_jax.evaluators.metrics import json_ready
+
+    start = time.perf_counter()
+    s = _setup("detection", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch, data_dir,
+               manual_dir, pretrained_step, log)
+    steps, lr, tower, result = s.settings["steps"], s.settings["learning_rate"], s.tower, s.result
+    label_key = "tumor_mask" if "tumor_mask" in s.keys else "has_tumor"
+    result["label"] = (
+        "tumour present in the crop (any cropped tumor_mask voxel)" if label_key == "tumor_mask"
+        else "case has_tumor"
+    )
+
+    def encoder_fn(p, images):
+        return tower.apply({"params": p}, images)
+
+    wanted = ("image", label_key)
+    test = evaluation_batches(s.data, pretrained, s.crop, batch_size, "test", wanted)
+    if mode == "probe":
+        train = evaluation_batches(s.data, pretrained, s.crop, batch_size, "train", wanted)
+        x_train, y_train = T.pooled_features(encoder_fn, s.encoder_params, train, label_key=label_key)
+        log(f"probe: {len(y_train)} train crops ({int(y_train.sum())} with tumour), fitting {steps} steps")
+        probe = T.fit_linear_probe(x_train, y_train, steps=steps, learning_rate=lr, seed=seed)
+        train_seconds = time.perf_counter() - start
+        x_test, y_test = T.pooled_features(encoder_fn, s.encoder_params, test, label_key=label_key)
+        scores = T.probe_scores(probe, x_test)
+        losses = np.asarray(probe["losses"])
+    else:
+        # LP-FT head: fit on random crops from a stream apart from the training one (seed + 1).
+        lp_batches = min(LPFT_MAX_BATCHES, -(-LPFT_EPOCHS * s.records["train"] // batch_size))
+        stream = training_batches(s.data, pretrained, s.crop, batch_size, seed + 1)
+        try:
+            x_lp, y_lp = T.pooled_features(encoder_fn, s.encoder_params, itertools.islice(stream, lp_batches),
+                                           label_key=label_key)
+        finally:
+            stream.close()
+        log(f"LP-FT: probe on {len(y_lp)} random train crops ({int(y_lp.sum())} with tumour) starts the head")
+        head = _probe_head(x_lp, y_lp, int(tower.feature_dim), seed, log)
+        batches = training_batches(s.data, pretrained, s.crop, batch_size, seed)
+        try:
+            tuned, losses = _finetune_encoder_and_head(
+                encoder_fn, s.encoder_params, head, _progress(batches, steps, "detection/full", log),
+                _optimizer(lr, steps, 0.05), label_key,
+            )
+        finally:
+            batches.close()
+        train_seconds = time.perf_counter() - start
+        x_test, y_test = T.pooled_features(encoder_fn, tuned["encoder"], test, label_key=label_key)
+        head = jax.tree.map(np.asarray, tuned["head"])
+        scores = 1.0 / (1.0 + np.exp(-np.clip(x_test @ head["w"] + head["b"], -80, 80)))
+    metrics = T.detection_report(y_test, scores)
+    if "threshold" in metrics:  # accuracy at the same ROC-optimal threshold as F1
+        metrics["accuracy"] = float(np.mean((scores >= metrics["threshold"]) == y_test.astype(bool)))
+    else:  # one class in the test split: the keys stay, null in JSON, beside the `skipped` reason
+        metrics.update(auc=None, accuracy=None, f1=None)
+    result["metrics"] = {**metrics, "test_cases": int(len(y_test))}
+    result["test_predictions"] = {"label": y_test, "score": scores}
+    result["train_curve"] = {"step": list(range(1, len(losses) + 1)), "loss": losses}
+    result["seconds"] = {"train": train_seconds, "total": time.perf_counter() - start}
+    _log_metrics(result, log)
+    return json_ready(result)
+
+
+def _probe_head(features: np.ndarray, labels: np.ndarray, feature_dim: int, seed: int, log: Log):
+    """LP-FT (Kumar et al., 2022): the full fine-tune's head starts as a linear probe on frozen features of
+    training crops (standardisation folded into the weights), so the first steps do not distort pretrained
+    features to fit a random head. The probe is strongly regularised (`LPFT_L2`): an overconfident start
+    (lesions are tiny, crops separable by chance) would send large gradients into the encoder. Without both
+    classes among the crops: a small random head."""
+    import jax.numpy as jnp
+
+    from ctglip_jax.evaluators import metrics as M
+    from ctglip_jax.evaluators import tumor_detection as T
+
+    if not M.has_both_classes(labels):
+        log("the crops hold a single class: the head starts random instead of from a linear probe")
+        return T.init_detection_head(feature_dim, seed)
+    probe = T.fit_linear_probe(features, labels, steps=DEFAULT_STEPS["detection", "probe"],
+                               learning_rate=DEFAULT_LR["detection", "probe"], l2=LPFT_L2, seed=seed)
+    w = probe["w"] / probe["std"]
+    return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(probe["b"] - w @ probe["mean"], jnp.float32)}
+
+
+def _finetune_encoder_and_head(encoder_fn, encoder_params, head, batches: Iterable, tx, label_key: str):
+    """Trains `{"encoder", "head"}` on the batches with the library's jitted step; returns params, losses."""
+    import jax
+    import jax.numpy as jnp
+
+    from ctglip_jax.evaluators import tumor_detection as T
+
+    params = {"encoder": jax.tree.map(jnp.array, encoder_params), "head": head}  # copies: the step donates
+    opt_state = tx.init(params)
+    step = T.make_finetune_step(encoder_fn, tx)
+    losses = []
+    for batch in batches:
+        images = np.asarray(batch["image"], np.float32)
+        labels = (np.asarray(batch[label_key]).reshape(len(images), -1).max(axis=1) > 0).astype(np.int32)
+        params, opt_state, loss = step(params, opt_state, images, labels)
+        losses.append(float(loss))
+    return params, np.asarray(losses)
+
+
+def run_segmentation(
+    pretrained,
+    *,
+    data: str | DataSpec | None = None,
+    mode: str = "full",
+    steps: int | None = None,
+    batch_size: int = 2,
+    lr: float | None = None,
+    crop: Sequence[int] | None = None,
+    seed: int = 0,
+    from_scratch: bool = False,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    pretrained_step: int | None = None,
+    overlap: float = 0.5,
+    log: Log = stderr_log,
+) -> dict[str, Any]:
+    """Tumour segmentation head on the encoder (`full`, or `probe` = frozen encoder); test Dice per class.
+
+    Arguments as `run_detection`; `overlap` is the sliding-window overlap of the whole-volume test.
+    """
+    import jax
+
+    from ctglip_jax.evaluators import segmentation as S
+    from ctglip_jax.evaluators.metrics import json_ready
+
+    start = time.perf_counter()
+    s = _setup("segmentation", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch,
+               data_dir, manual_dir, pretrained_step, log)
+    steps, lr, result = s.settings["steps"], s.settings["learning_rate"], s.result
+    s.settings.update(overlap=overlap, num_classes=2)
+    result["label"] = "tumor_mask: 0 background, 1 tumour"
+    net = S.segmentation_net(s.tower, num_classes=2)
+    params = net.init(jax.random.PRNGKey(seed + 1), np.zeros((1, *s.crop), np.float32), s.encoder_params)
+    batches = training_batches(s.data, pretrained, s.crop, batch_size, seed)
+    try:
+        params, losses = S.train_segmentation(
+            net, params, _progress(batches, steps, f"segmentation/{mode}", log), steps=steps,
+            tx=_optimizer(lr, steps, 1e-4), label_key="tumor_mask", freeze_encoder=mode == "probe",
+        )
+    finally:
+        batches.close()
+    train_seconds = time.perf_counter() - start
+    log(f"segmentation: sliding-window inference over the {s.records['test']} test volumes")
+    evaluator = S.SegmentationEvaluator(
+        lambda p, windows: jax.nn.softmax(net.apply(p, windows), axis=-1), 2, s.crop, overlap=overlap,
+        batch_size=batch_size, label_key="tumor_mask", class_names=["tumor"],
+    )
+    result["metrics"] = evaluator.run(params, whole_volumes(s.data, pretrained, "test"))
+    result["metrics"]["dice"] = result["metrics"]["per_class"]["tumor"]["dice"]  # the headline number
+    result["train_curve"] = {"step": list(range(1, len(losses) + 1)), "loss": losses}
+    result["seconds"] = {"train": train_seconds, "total": time.perf_counter() - start}
+    _log_metrics(result, log)
+    return json_ready(result)
+
+
+def _log_metrics(result: Mapping[str, Any], log: Log) -> None:
+    m, curve = result["metrics"], result["train_curve"]["loss"]
+    shown = {k: round(m[k], 4) for k in ("auc", "accuracy", "f1", "dice") if m.get(k) is not None}
+    shown.update({k: m[k] for k in ("skipped",) if k in m})
+    loss = f"train loss {curve[0]:.4f} -> {curve[-1]:.4f}" if len(curve) else "no training"
+    log(f"{result['task']}: {loss}; test {shown}; {result['seconds']['total']:.0f} s")
+
+
+def write_result(result: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """`<out_dir>/finetune_<task>.json` (the folder is created)."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / RESULT_FILE.format(task=result["task"])
+    path.write_text(json.dumps(result, indent=2))
+    return path
