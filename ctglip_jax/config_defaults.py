@@ -66,6 +66,8 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
     else:
         image_tower = "unet3d_tiny" if runlocal else "unet3d_S"
         image_kw = {}
+    # bf16 compute (params stay fp32), per-block remat: --config.model.image_tower_kw.dtype=bfloat16
+    image_kw.update(dtype="float32", remat=False)
     c.model = mlc.ConfigDict(
         dict(
             image_tower=image_tower,

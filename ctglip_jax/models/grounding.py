@@ -57,8 +57,8 @@ def organ_sums(features: jax.Array, labels: jax.Array, num_labels: int = NUM_LAB
     batch, *grid, dim = features.shape
     factors = pooling_factors(tuple(labels.shape[1:]), tuple(grid))
     features = features.astype(jnp.float32)
-    labels = labels.astype(jnp.int32)
     if factors == (1, 1, 1):
+        labels = labels.astype(jnp.int32)
         def one(f, lab):
             lab = lab.reshape(-1)
             lab = jnp.where((lab >= 0) & (lab < num_labels), lab, num_labels)  # dropped by segment_sum
@@ -69,18 +69,24 @@ def organ_sums(features: jax.Array, labels: jax.Array, num_labels: int = NUM_LAB
 
     (x, y, z), (fx, fy, fz) = grid, factors
     cells = x * y * z
-    # (B, x, fx, y, fy, z, fz) -> (B, cells, voxels per cell): the voxels of each cell side by side.
-    cell_labels = labels.reshape(batch, x, fx, y, fy, z, fz).transpose(0, 1, 3, 5, 2, 4, 6)
-    cell_labels = cell_labels.reshape(batch, cells, fx * fy * fz)
-    # Out-of-range ids must not land in a neighbouring cell's bins: send them past the end (dropped).
-    in_range = (cell_labels >= 0) & (cell_labels < num_labels)
-    keys = jnp.where(in_range, cell_labels + num_labels * jnp.arange(cells)[:, None], cells * num_labels)
+    # Cell index of every voxel, laid out like labels.reshape(x, fx, y, fy, z, fz) (no transpose copy).
+    cell = (jnp.arange(x)[:, None, None, None, None, None] * (y * z)
+            + jnp.arange(y)[None, None, :, None, None, None] * z
+            + jnp.arange(z)[None, None, None, None, :, None])
 
-    def histogram(k):
-        ones = jnp.ones(k.size, jnp.float32)
-        return jax.ops.segment_sum(ones, k.reshape(-1), cells * num_labels).reshape(cells, num_labels)
+    def histogram(lab):
+        """(cells, L) voxel counts of one scan: one scatter-add into `cell * L + label` bins."""
+        lab = lab.astype(jnp.int32).reshape(x, fx, y, fy, z, fz)  # cast per scan: no batch-sized copy
+        # Out-of-range ids must not land in a neighbouring cell's bins: send them past the end (dropped).
+        in_range = (lab >= 0) & (lab < num_labels)
+        keys = jnp.where(in_range, cell * num_labels + lab, cells * num_labels).reshape(-1)
+        bins = jnp.zeros(cells * num_labels, jnp.float32).at[keys].add(1.0, mode="drop")
+        return bins.reshape(cells, num_labels)
 
-    counts_per_cell = jax.vmap(histogram)(keys)  # (B, cells, L)
+    # One scan at a time (lax.map), not vmapped: a per-scan histogram (cells x L floats, ~90 KB for 216
+    # cells) stays in cache and needs no batch coordinate in the scatter indices. Measured on the reference
+    # step's shapes (8 x 96^3, 6^3 cells, 2 CPU cores): 7 ms instead of 90-130 ms for the vmapped version.
+    counts_per_cell = jax.lax.map(histogram, labels)  # (B, cells, L)
     sums = jnp.einsum("bcl,bcd->bld", counts_per_cell, features.reshape(batch, cells, dim),
                       precision=jax.lax.Precision.HIGHEST)
     return sums, counts_per_cell.sum(axis=1)
