@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -143,72 +144,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     consts = jax.device_put(bank.constants(), replicated)
     with_report = float(config.loss.get("global_clip", 0.0)) > 0
 
-    # ---- model, abstract state, shardings
-    model = objective.make_model(config)
-    tx = optim.make_optimizer(config.optim)
+    # ---- model, abstract state, shardings, jitted init and step
     sample = next(InputPipeline(data_cfg))
     sample = {k: v for k, v in sample.items() if not _is_host_only(v)}
-    init_inputs = objective.init_inputs(sample, bank.prompt_feat.shape[-1])
-
-    def init_state(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        params = objective.init_params(model, init_rng, init_inputs)
-        return optim.TrainState.create(params, tx, state_rng)
-
+    fns = make_step_functions(config, mesh, objective.init_inputs(sample, bank.prompt_feat.shape[-1]))
     rng = jax.random.PRNGKey(int(config.seed))
-    abstract = jax.eval_shape(init_state, rng)
-    state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))
 
     # ---- checkpoints: restore or init
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=int(config.keep_checkpoints))
     start = checkpointer.latest_step()
     if start is not None:
-        state, extra = checkpointer.restore(sharding.with_shardings(abstract, state_shardings), start)
+        state, extra = checkpointer.restore(sharding.with_shardings(fns.abstract, fns.state_shardings), start)
         pipeline.set_state(extra["data"])
         log.info("resumed from step %d in %s", start, workdir)
         if is_main:
             print(f"resumed from checkpoint at step {start}", flush=True)
     else:
-        state = jax.jit(init_state, out_shardings=state_shardings)(rng)
+        state = fns.init(rng)
         start = 0
     config_json = config_lib.to_json(config)
     if is_main:  # what evaluation rebuilds the model from (pretrained.load)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json)
 
-    # ---- the step
-    loss_fn = objective.make_loss_fn(model, config)
-
     validation = None
     if int(config.eval.every) > 0 and int(config.eval.num_batches) > 0:
-        validation = ValidationLoss(config, data_cfg, bank, loss_fn, batch_sharding, with_report)
-    nan_step = int(config.get("debug_nan_step", -1))
-
-    def objective_fn(params, batch, consts, rng, step):
-        loss, metrics = loss_fn(params, batch, consts, rng)
-        # Fault injection (tests): a NaN that reaches the gradients too, at 1-based step `debug_nan_step`.
-        return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), metrics
-
-    def train_step(state: optim.TrainState, batch: dict, consts: dict):
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, consts, step_rng, state.step)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            **metrics,
-            "loss": loss,
-            "grad_norm": optim_global_norm(grads),
-            "lr": optim.learning_rate(config.optim, state.step),
-        }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    step_fn = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding, replicated),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+        validation = ValidationLoss(config, data_cfg, bank, fns.loss_fn, batch_sharding, with_report)
+    step_fn = fns.step
 
     # ---- loop
     writer = _summary_writer(workdir) if is_main else None
@@ -296,6 +258,62 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     if order_log is not None:
         order_log.close()
     return TrainResult(metrics=last, history=history, state=state, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+    """The jitted pieces of training, built once from a config (the loop and the benchmarks share them)."""
+
+    init: Any  # rng -> TrainState, laid out on `state_shardings`
+    step: Any  # (state, batch, consts) -> (state, metrics); state donated
+    loss_fn: Any  # (params, batch, consts, rng) -> (loss, metrics), un-jitted
+    abstract: Any  # eval_shape of the state
+    state_shardings: Any
+    model: Any
+
+
+def make_step_functions(config: ml_collections.ConfigDict, mesh, init_inputs: dict) -> StepFunctions:
+    """Model, optimizer, FSDP shardings of the abstract state, jitted init and the jitted train step."""
+    model = objective.make_model(config)
+    tx = optim.make_optimizer(config.optim)
+    loss_fn = objective.make_loss_fn(model, config)
+    nan_step = int(config.get("debug_nan_step", -1))
+
+    def init_state(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        params = objective.init_params(model, init_rng, init_inputs)
+        return optim.TrainState.create(params, tx, state_rng)
+
+    def objective_fn(params, batch, consts, rng, step):
+        loss, metrics = loss_fn(params, batch, consts, rng)
+        # Fault injection (tests): a NaN that reaches the gradients too, at 1-based step `debug_nan_step`.
+        return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), metrics
+
+    def train_step(state: optim.TrainState, batch: dict, consts: dict):
+        step_rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, batch, consts, step_rng, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optim_global_norm(grads),
+            "lr": optim.learning_rate(config.optim, state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))
+    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    step = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    init = jax.jit(init_state, out_shardings=state_shardings)
+    return StepFunctions(init, step, loss_fn, abstract, state_shardings, model)
 
 
 def optim_global_norm(tree) -> jax.Array:

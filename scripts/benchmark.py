@@ -168,44 +168,12 @@ def synthetic_inputs(config, text_dim: int = 384, seed: int = 0) -> tuple[dict, 
 
 
 def make_train_step(config, mesh, sample_batch: dict, text_dim: int):
-    """`(step, init, abstract_state, model, (batch_sharding, replicated))`, built as `train.train` does.
+    """`(step, init, abstract_state, model, (batch_sharding, replicated))`: the loop's own jitted step."""
+    from ctglip_jax import objective, sharding, train
 
-    Kept in lock-step with `train.train`'s `train_step` by hand (it is a closure there; only its NaN fault
-    injection, a multiply by 1.0, is left out); if the loop's step changes, change this too.
-    """
-    import jax
-    import optax
-
-    from ctglip_jax import objective, optim, sharding, train
-
-    model = objective.make_model(config)
-    tx = optim.make_optimizer(config.optim)
-    init_inputs = objective.init_inputs(sample_batch, text_dim)
-    loss_fn = objective.make_loss_fn(model, config)
-
-    def init_state(rng):
-        init_rng, state_rng = jax.random.split(rng)
-        params = objective.init_params(model, init_rng, init_inputs)
-        return optim.TrainState.create(params, tx, state_rng)
-
-    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-    state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-
-    def train_step(state, batch, consts):
-        step_rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p: loss_fn(p, batch, consts, step_rng), has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": train.optim_global_norm(grads),
-                   "lr": optim.learning_rate(config.optim, state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-    init = jax.jit(init_state, out_shardings=state_shardings)
-    return step, init, abstract, model, (batch_sharding, replicated)
+    fns = train.make_step_functions(config, mesh, objective.init_inputs(sample_batch, text_dim))
+    shardings = (sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    return fns.step, fns.init, fns.abstract, fns.model, shardings
 
 
 def tower_module(model):
