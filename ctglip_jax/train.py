@@ -12,6 +12,7 @@ RNG and optimizer state go into every checkpoint, so a resumed run is the uninte
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -213,43 +214,62 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
 
     if start == 0:
         evaluate(0)
-    for step in range(start + 1, total_steps + 1):
+
+    # One batch of look-ahead: while step k runs, a worker thread reads batch k+1 and computes its text
+    # features on the host (the device step is dispatched asynchronously, so both proceed together). The
+    # iterator state saved with step k is the one from *before* batch k+1 was drawn, so resume stays exact.
+    def prepare() -> tuple[dict, list[str], dict]:
+        before = pipeline.get_state()
         host_batch = next(pipeline)
-        if order_log is not None and is_main:
-            order_log.write(
-                json.dumps({"step": step, "case_id": [str(c) for c in host_batch["case_id"]]}) + "\n"
-            )
-            order_log.flush()
-        batch = _host_batch_to_device(host_batch, bank, batch_sharding, with_report)
-        state, metrics = step_fn(state, batch, consts)
-        pending.append((step, metrics))
-        steps_timed += 1
-        if step % log_every == 0 or step == total_steps:
-            last = flush_metrics()
-            elapsed = time.perf_counter() - t0
-            rate = steps_timed * examples_per_step / max(elapsed, 1e-9)
-            eta = (total_steps - step) * elapsed / max(steps_timed, 1)
-            if is_main:
-                terms = " ".join(f"{k}={last[k]:.3f}" for k in sorted(last) if k.endswith("/loss"))
-                print(
-                    f"step {step}/{total_steps} loss={last['loss']:.4f} {terms} "
-                    f"{rate:.2f} ex/s ETA {_format_eta(eta)}",
-                    flush=True,
-                )
-                if writer is not None:
-                    for k, v in last.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    writer.add_scalar("train/examples_per_sec", rate, step)
-                    writer.flush()
-            t0, steps_timed = time.perf_counter(), 0
-        if step % int(config.eval.every or total_steps) == 0 or step == total_steps:
-            evaluate(step)
-        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
-            last = flush_metrics() or last
-            checkpointer.save(step, state, {"data": pipeline.get_state(), "config": config_json})
-            if step == kill_at:
-                checkpointer.wait()
-                os.kill(os.getpid(), signal.SIGKILL)
+        ids = [str(c) for c in host_batch.get("case_id", [])]
+        return before, ids, _host_batch_to_device(host_batch, bank, batch_sharding, with_report)
+
+    prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctglip-data")
+    upcoming = prefetch.submit(prepare) if start < total_steps else None
+    data_wait = 0.0
+    try:
+        for step in range(start + 1, total_steps + 1):
+            wait_start = time.perf_counter()
+            _, case_ids, batch = upcoming.result()
+            data_wait += time.perf_counter() - wait_start
+            upcoming = prefetch.submit(prepare) if step < total_steps else None
+            if order_log is not None and is_main:
+                order_log.write(json.dumps({"step": step, "case_id": case_ids}) + "\n")
+                order_log.flush()
+            state, metrics = step_fn(state, batch, consts)
+            pending.append((step, metrics))
+            steps_timed += 1
+            if step % log_every == 0 or step == total_steps:
+                last = flush_metrics()
+                elapsed = time.perf_counter() - t0
+                rate = steps_timed * examples_per_step / max(elapsed, 1e-9)
+                last["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)  # time the loop waited for input
+                history[-1]["data_wait_fraction"] = last["data_wait_fraction"]
+                eta = (total_steps - step) * elapsed / max(steps_timed, 1)
+                if is_main:
+                    terms = " ".join(f"{k}={last[k]:.3f}" for k in sorted(last) if k.endswith("/loss"))
+                    print(
+                        f"step {step}/{total_steps} loss={last['loss']:.4f} {terms} "
+                        f"{rate:.2f} ex/s ETA {_format_eta(eta)}",
+                        flush=True,
+                    )
+                    if writer is not None:
+                        for k, v in last.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                        writer.add_scalar("train/examples_per_sec", rate, step)
+                        writer.flush()
+                t0, steps_timed, data_wait = time.perf_counter(), 0, 0.0
+            if step % int(config.eval.every or total_steps) == 0 or step == total_steps:
+                evaluate(step)
+            if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
+                last = flush_metrics() or last
+                data_state = upcoming.result()[0] if upcoming is not None else pipeline.get_state()
+                checkpointer.save(step, state, {"data": data_state, "config": config_json})
+                if step == kill_at:
+                    checkpointer.wait()
+                    os.kill(os.getpid(), signal.SIGKILL)
+    finally:
+        prefetch.shutdown(cancel_futures=True)
     last = flush_metrics() or last
     checkpointer.wait()
     checkpointer.close()
