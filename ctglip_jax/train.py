@@ -229,6 +229,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     data_wait = 0.0
     try:
         for step in range(start + 1, total_steps + 1):
+            if pending:  # the previous step must finish anyway; what remains after it is the input stall
+                jax.block_until_ready(pending[-1][1]["loss"])
             wait_start = time.perf_counter()
             _, case_ids, batch = upcoming.result()
             data_wait += time.perf_counter() - wait_start
@@ -243,7 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
                 last = flush_metrics()
                 elapsed = time.perf_counter() - t0
                 rate = steps_timed * examples_per_step / max(elapsed, 1e-9)
-                last["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)  # time the loop waited for input
+                last["data_wait_fraction"] = data_wait / max(elapsed, 1e-9)  # device idle, waiting for input
                 history[-1]["data_wait_fraction"] = last["data_wait_fraction"]
                 eta = (total_steps - step) * elapsed / max(steps_timed, 1)
                 if is_main:

@@ -336,8 +336,8 @@ def load_hf_bert(model_dir: str | pathlib.Path | None = None) -> tuple[BertConfi
 class TextEmbedder:
     """Texts -> pooled (optionally L2-normalised) vectors, for inference and fixed prompt banks.
 
-    Rows are padded to `max_length` tokens and batches to `batch_size` rows, so one compiled forward serves
-    every call. Results are cached by text: a prompt bank is encoded once per process.
+    Batches are padded to power-of-two buckets of rows and tokens (see `embed`), so a handful of compiled
+    forwards serve every call. Results are cached by text: a prompt bank is encoded once per process.
 
     `precision` is the matmul precision of the forward (`jax.default_matmul_precision`): "highest" keeps
     float32 matmuls exact on GPUs/TPUs too (their default is TF32/bf16 passes, ~1e-3 off), which is what
@@ -404,8 +404,21 @@ class TextEmbedder:
                 log.warning("%d text(s) longer than %d tokens were truncated", cut, self.max_length)
         return out
 
+    def _bucket(self, n: int, smallest: int, largest: int) -> int:
+        """Next power of two >= n, within [smallest, largest]: few shapes to compile, little padding."""
+        size = smallest
+        while size < n:
+            size *= 2
+        return min(size, largest)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """`(len(texts), H)` float32; repeated and previously seen texts are not recomputed."""
+        """`(len(texts), H)` float32; repeated and previously seen texts are not recomputed.
+
+        Each chunk of new texts is padded to power-of-two buckets of rows (>= 8) and tokens (>= 16), capped
+        at `batch_size` / `max_length`: report sentences are ~20 tokens, so padding every call to
+        `max_length` rows and tokens would mostly compute padding. Padding never changes a vector (masked
+        attention, masked pooling).
+        """
         texts = list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
@@ -414,8 +427,10 @@ class TextEmbedder:
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             batch = self.tokenize(chunk)
-            pad = self.batch_size - len(chunk)
-            batch = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in batch.items()}
+            used = int(batch["attention_mask"].sum(axis=1).max())
+            length = self._bucket(used, min(16, self.max_length), self.max_length)
+            rows = self._bucket(len(chunk), min(8, self.batch_size), self.batch_size)
+            batch = {k: np.pad(v[:, :length], ((0, rows - len(chunk)), (0, 0))) for k, v in batch.items()}
             self.forward_calls += 1
             with jax.default_matmul_precision(self.precision):  # part of jit's cache key: set at each call
                 vectors = np.asarray(
