@@ -22,6 +22,7 @@ Automatic resume: `step = ckpt.latest_step()`; if not None, `state, extra = ckpt
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import time
@@ -191,6 +192,20 @@ class Checkpointer:
         self._manager.close()
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """Reading one item of a step directory makes Orbax warn that the step's metadata file is not in the
+    item folder (it is one level up, where it belongs): silence that for the duration of the read."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
 def _quarantine_incomplete_steps(directory: epath.Path) -> None:
     for child in directory.iterdir():
         if child.is_dir() and child.name.isdigit() and not (child / _METADATA_FILE).exists():
@@ -224,7 +239,7 @@ def load_params(
     if not source.exists():
         raise InputNotFoundError(source, "no such params export or checkpoint")
     item_dir, subtree = _locate_params(source, step)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with ocp.PyTreeCheckpointer() as checkpointer, _quiet_absl():
         if abstract_params is None:
             metadata = checkpointer.metadata(item_dir).item_metadata.tree
             metadata = metadata[subtree] if subtree else metadata
