@@ -28,10 +28,10 @@ class DemoSettings:
     out: Path = Path("demo_out")
     data_dir: str = ""  # "" = <out>/tensorflow_datasets: the demo leaves nothing outside its folder
     dataset_config: str = "small"
-    steps: int = 200
+    steps: int = 600
     batch_size: int = 4
     seed: int = 0
-    finetune_steps: int = 30  # segmentation decoder steps: enough to run the path, not to converge on CPU
+    finetune_steps: int = 40  # segmentation decoder steps: enough to run the path, not to converge on CPU
 
     def overrides(self, data_dir: str) -> list[str]:
         return [

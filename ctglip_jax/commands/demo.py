@@ -12,7 +12,7 @@ HELP = "offline end-to-end demo on synthetic data (CT-GLIP vs CLIP)"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    parser.add_argument("--steps", type=int, default=200, help="pretraining steps per method (default: 200)")
+    parser.add_argument("--steps", type=int, default=600, help="pretraining steps per method (default: 600)")
     parser.add_argument("--data-dir", default="", help="TFDS data dir (default: <out>/tensorflow_datasets)")
     parser.add_argument("--seed", type=int, default=0)
 
