@@ -9,8 +9,8 @@ Everything runs on the synthetic full-body phantom, on CPU, in about a quarter o
        detection by linear probe (TD) and tumor segmentation with a decoder on the encoder (TS);
     4. print a side-by-side table and write `demo_out/` (metrics JSON, plots, a text-to-voxel heatmap NIfTI).
 
-Numbers from so small a run are a smoke test of the whole system, not a reproduction of the paper:
-`scripts/reproduce.py` runs the study (seeds, both encoders, ablations) and `docs/RESULTS.md` reports it.
+Numbers from so small a run are a smoke test of the whole system, not a reproduction of the paper (that
+needs seeds, both encoders, the ablations and far more data and steps).
 """
 
 from __future__ import annotations
