@@ -77,7 +77,7 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
         )
     )
     c.text = mlc.ConfigDict(
-        dict(model_dir="", pooling="mean", max_length=64, batch_size=64, prompt="A CT image of the {organ}.")
+        dict(model_dir="", pooling="mean", max_length=64, batch_size=16, prompt="A CT image of the {organ}.")
     )
 
     c.loss = mlc.ConfigDict(

@@ -116,8 +116,10 @@ def forward(module: TwoTower, batch: dict, consts: dict) -> dict[str, jax.Array]
     return out
 
 
-def loss_terms(out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict) -> dict:
-    """{term: (loss, metrics)} for every term with a non-zero weight."""
+def loss_terms(
+    out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict
+) -> tuple[dict, dict[str, float]]:
+    """({term: (loss, metrics)}, {term: weight}) for every term with a non-zero weight."""
     weights = {t: float(config.loss.get(t, 0.0)) for t in LOSS_TERMS}
     sigmoid = config.loss.kind == "sigmoid"
     scale = losses.clamp_logit_scale(out["log_scale"])

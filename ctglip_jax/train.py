@@ -146,8 +146,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     with_report = float(config.loss.get("global_clip", 0.0)) > 0
 
     # ---- model, abstract state, shardings, jitted init and step
-    sample = next(InputPipeline(data_cfg))
-    sample = {k: v for k, v in sample.items() if not _is_host_only(v)}
+    with InputPipeline(data_cfg) as peek:  # one batch, for the shapes init needs
+        sample = {k: v for k, v in next(peek).items() if not _is_host_only(v)}
     fns = make_step_functions(config, mesh, objective.init_inputs(sample, bank.prompt_feat.shape[-1]))
     rng = jax.random.PRNGKey(int(config.seed))
 
@@ -272,6 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
                     os.kill(os.getpid(), signal.SIGKILL)
     finally:
         prefetch.shutdown(cancel_futures=True)
+        pipeline.close()
     last = flush_metrics() or last
     checkpointer.wait()
     checkpointer.close()

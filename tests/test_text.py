@@ -198,13 +198,29 @@ def test_embedder_end_to_end_equals_pytorch_and_caches(minilm_embedder, referenc
     assert vectors.shape == (len(sentences), 384) and vectors.dtype == np.float32
     assert np.abs(vectors - arrays["mean"]).max() < PARITY_TOLERANCE
     calls = minilm_embedder.forward_calls
-    assert calls == -(-len(sentences) // minilm_embedder.batch_size)
+    # One call per `batch_size` texts of each power-of-two token bucket (>= 16, <= max_length).
+    lengths = np.asarray(arrays["attention_mask"]).sum(axis=1)
+    max_len = minilm_embedder.max_length
+    buckets = [min(max(16, 1 << int(np.ceil(np.log2(n)))), max_len) for n in lengths]
+    per_bucket = np.unique(buckets, return_counts=True)[1]
+    assert calls == sum(-(-c // minilm_embedder.batch_size) for c in per_bucket)
     again = minilm_embedder.embed([sentences[3], sentences[0], sentences[3]])
     assert minilm_embedder.forward_calls == calls  # all cached: no forward ran
     np.testing.assert_array_equal(again, vectors[[3, 0, 3]])
     assert minilm_embedder.embed([]).shape == (0, 384)
     with pytest.raises(TypeError):
         minilm_embedder.embed(["ok", 3])
+
+
+def test_vector_does_not_depend_on_the_other_texts_of_the_call(minilm):
+    """Bitwise: the same text gives the same vector alone or among other new texts (exact resume needs it)."""
+    from ctglip_jax.models.text import TextEmbedder
+
+    text = "No focal liver lesion."
+    alone = TextEmbedder(loaded=minilm, max_length=64, batch_size=4).embed([text])
+    crowd = ["The spleen is enlarged, measuring 15 cm.", text, "Small left effusion.", "Kidneys: normal."]
+    mixed = TextEmbedder(loaded=minilm, max_length=64, batch_size=4).embed(crowd)
+    np.testing.assert_array_equal(alone[0], mixed[1])
 
 
 def test_minilm_config_is_read(minilm):

@@ -336,8 +336,9 @@ def load_hf_bert(model_dir: str | pathlib.Path | None = None) -> tuple[BertConfi
 class TextEmbedder:
     """Texts -> pooled (optionally L2-normalised) vectors, for inference and fixed prompt banks.
 
-    Batches are padded to power-of-two buckets of rows and tokens (see `embed`), so a handful of compiled
-    forwards serve every call. Results are cached by text: a prompt bank is encoded once per process.
+    Texts are padded to power-of-two token buckets and embedded `batch_size` rows at a time (see `embed`),
+    so a handful of compiled forwards serve every call. Results are cached by text: a prompt bank is
+    encoded once per process.
 
     `precision` is the matmul precision of the forward (`jax.default_matmul_precision`): "highest" keeps
     float32 matmuls exact on GPUs/TPUs too (their default is TF32/bf16 passes, ~1e-3 off), which is what
@@ -404,45 +405,53 @@ class TextEmbedder:
                 log.warning("%d text(s) longer than %d tokens were truncated", cut, self.max_length)
         return out
 
-    def _bucket(self, n: int, smallest: int, largest: int) -> int:
-        """Next power of two >= n, within [smallest, largest]: few shapes to compile, little padding."""
-        size = smallest
-        while size < n:
-            size *= 2
-        return min(size, largest)
-
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """`(len(texts), H)` float32; repeated and previously seen texts are not recomputed.
 
-        Each chunk of new texts is padded to power-of-two buckets of rows (>= 8) and tokens (>= 16), capped
-        at `batch_size` / `max_length`: report sentences are ~20 tokens, so padding every call to
-        `max_length` rows and tokens would mostly compute padding. Padding never changes a vector (masked
-        attention, masked pooling).
+        Report sentences are ~20 tokens, so padding every text to `max_length` would mostly compute
+        padding: each text is padded to its own power-of-two token bucket (>= 16, <= `max_length`) and
+        texts of one bucket are embedded together in calls of exactly `batch_size` rows. A text's vector
+        therefore depends on the text alone, never on which other texts were new in the same call (the
+        same shapes every time: bitwise-reproducible, which exact resume relies on), and a few compiled
+        shapes serve every call. Padding does not change a vector (masked attention and pooling).
         """
         texts = list(texts)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start : start + self.batch_size]
-            batch = self.tokenize(chunk)
-            used = int(batch["attention_mask"].sum(axis=1).max())
-            length = self._bucket(used, min(16, self.max_length), self.max_length)
-            rows = self._bucket(len(chunk), min(8, self.batch_size), self.batch_size)
-            batch = {k: np.pad(v[:, :length], ((0, rows - len(chunk)), (0, 0))) for k, v in batch.items()}
-            self.forward_calls += 1
-            with jax.default_matmul_precision(self.precision):  # part of jit's cache key: set at each call
-                vectors = np.asarray(
-                    self._forward(
-                        self._params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
-                    )
-                )
-            for text, vector in zip(chunk, vectors[: len(chunk)], strict=True):
-                self._cache[text] = vector
+        if todo:
+            tokens = self.tokenize(todo)
+            lengths = tokens["attention_mask"].sum(axis=1)
+            buckets = np.asarray([self._bucket(int(n)) for n in lengths])
+            for length in sorted(set(buckets.tolist())):
+                rows = np.flatnonzero(buckets == length)
+                for start in range(0, len(rows), self.batch_size):
+                    chunk = rows[start : start + self.batch_size]
+                    pad = self.batch_size - len(chunk)
+                    batch = {k: np.pad(v[chunk, :length], ((0, pad), (0, 0))) for k, v in tokens.items()}
+                    self.forward_calls += 1
+                    with jax.default_matmul_precision(self.precision):  # part of jit's cache key
+                        vectors = np.asarray(
+                            self._forward(
+                                self._params,
+                                batch["input_ids"],
+                                batch["attention_mask"],
+                                batch["token_type_ids"],
+                            )
+                        )
+                    for i, vector in zip(chunk, vectors[: len(chunk)], strict=True):
+                        self._cache[todo[i]] = vector
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self._cache[t] for t in texts])
+
+    def _bucket(self, n: int) -> int:
+        """Token bucket of a text of `n` tokens: the next power of two >= n, within [16, max_length]."""
+        size = min(16, self.max_length)
+        while size < n:
+            size *= 2
+        return min(size, self.max_length)
 
     def clear_cache(self) -> None:
         self._cache.clear()
