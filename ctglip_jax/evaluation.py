@@ -220,11 +220,18 @@ def evaluate(
     step: int | None = None,
     data: EvaluationData | None = None,
     progress: Callable[[str], None] | None = progress_message,
+    abnormality_templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
+    on_embeddings: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Runs the zero-shot evaluators on `split` of the workdir's dataset; with `out_dir`, writes eval.json
     and the plots there. Returns the eval.json dict. `step` is only recorded (the params are loaded);
-    `data` (an `EvaluationData`, e.g. opened early to fail fast) replaces split/batch_size/max_cases."""
+    `data` (an `EvaluationData`, e.g. opened early to fail fast) replaces split/batch_size/max_cases.
+
+    `abnormality_templates`: prompt-pair sets to score abnormality detection with (default: the evaluator's
+    one); the first is `abnormality_detection`, each one's summary is in `abnormality_by_template`.
+    `on_embeddings` receives the collected `OrganEmbeddings` (e.g. for a probe), so nobody embeds twice."""
     from ctglip_jax.data.findings import FINDINGS
+    from ctglip_jax.evaluators.abnormality_probe import summarise_by_kind
     from ctglip_jax.evaluators.metrics import json_ready
     from ctglip_jax.evaluators.retrieval import RetrievalEvaluator
     from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
@@ -276,6 +283,8 @@ def evaluate(
             model.embed_organs, params, batches_keeping_examples(), min_voxels=min_voxels
         )
         result["seconds"]["organ_embeddings"] = time.perf_counter() - start
+        if on_embeddings is not None:
+            on_embeddings(embeddings)
         say(
             f"  organ embeddings: {int(embeddings.valid.sum())} organ instances "
             f"({result['seconds']['organ_embeddings']:.1f} s)"
@@ -298,8 +307,16 @@ def evaluate(
                     "skipped": f"{data.name} has no finding labels over the {len(FINDINGS)}-finding catalogue"
                 }
             else:
-                abnormality = AbnormalityEvaluator(model, min_voxels=min_voxels)
-                result["abnormality_detection"] = abnormality.run(params, embeddings)
+                by_template = {}
+                for templates in abnormality_templates or [None]:
+                    kw = {} if templates is None else {"templates": tuple(templates)}
+                    r = AbnormalityEvaluator(model, min_voxels=min_voxels, **kw).run(params, embeddings)
+                    by_template["+".join(map(str, r["templates"]))] = {
+                        "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
+                        **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
+                    }
+                    result.setdefault("abnormality_detection", r)
+                result["abnormality_by_template"] = by_template
                 r = result["abnormality_detection"]
                 say(
                     f"  abnormality detection: AUC macro {_fmt(r['auc_macro'])}, "

@@ -179,7 +179,7 @@ def prepare_data(data: DataSpec, task: str, log: Log) -> tuple[DataSpec, set[str
 
 
 def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: int, *, split: str,
-                     train: bool):
+                     train: bool, foreground_fraction: float = 0.0):
     from ctglip_jax.data.pipeline import PipelineConfig
 
     pre = pretrained.config.data
@@ -195,6 +195,7 @@ def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: in
         hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)) if train else 0.0,
         hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)) if train else 0.0,
         window=tuple(pre.get("window", (-1150.0, 350.0))),
+        foreground_fraction=foreground_fraction if train else 0.0,
         seed=seed,
         shuffle=train,
         random_augment=train,
@@ -203,11 +204,14 @@ def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: in
     )
 
 
-def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int):
-    """An endless, seeded stream of random-crop training batches (numpy)."""
+def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int,
+                     foreground_fraction: float = 0.0):
+    """An endless, seeded stream of random-crop training batches (numpy); `foreground_fraction` of the
+    crops centred on tumour voxels."""
     from ctglip_jax.data.pipeline import InputPipeline
 
-    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True)
+    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True,
+                           foreground_fraction=foreground_fraction)
     return InputPipeline(cfg)
 
 
@@ -459,11 +463,15 @@ def run_segmentation(
     manual_dir: str | None = None,
     pretrained_step: int | None = None,
     overlap: float = 0.5,
+    head: str = "unetr",
+    foreground_fraction: float = 1 / 3,
     log: Log = stderr_log,
 ) -> dict[str, Any]:
     """Tumour segmentation head on the encoder (`full`, or `probe` = frozen encoder); test Dice per class.
 
-    Arguments as `run_detection`; `overlap` is the sliding-window overlap of the whole-volume test.
+    Arguments as `run_detection`; `overlap` is the sliding-window overlap of the whole-volume test; `head`
+    the ViT's decoder (`unetr` or `linear`, see `models/seg_heads.py`); `foreground_fraction` the share of
+    training crops centred on a tumour voxel (nnU-Net's 1/3: tumours are too small for random crops alone).
     """
     import jax
 
@@ -474,11 +482,14 @@ def run_segmentation(
     s = _setup("segmentation", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch,
                data_dir, manual_dir, pretrained_step, log)
     steps, lr, result = s.settings["steps"], s.settings["learning_rate"], s.result
-    s.settings.update(overlap=overlap, num_classes=2)
+    net = S.segmentation_net(s.tower, num_classes=2, head=head)
+    if not 0.0 <= foreground_fraction <= 1.0:
+        raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
+    s.settings.update(overlap=overlap, num_classes=2, head=type(net.head).__name__,
+                      foreground_fraction=foreground_fraction)
     result["label"] = "tumor_mask: 0 background, 1 tumour"
-    net = S.segmentation_net(s.tower, num_classes=2)
     params = net.init(jax.random.PRNGKey(seed + 1), np.zeros((1, *s.crop), np.float32), s.encoder_params)
-    batches = training_batches(s.data, pretrained, s.crop, batch_size, seed)
+    batches = training_batches(s.data, pretrained, s.crop, batch_size, seed, foreground_fraction)
     try:
         params, losses = S.train_segmentation(
             net, params, _progress(batches, steps, f"segmentation/{mode}", log), steps=steps,

@@ -17,6 +17,16 @@ identical. Dictionary entries carry the same (key, normal, organ) triple and are
 of an anchor is uniform over all valid candidates equivalent to its own text; the loss is the cross-entropy
 against it.
 
+Unknown pairs. Two *different abnormal* texts about the *same organ* ("Diffuse hepatic steatosis." and the
+dictionary's "Fatty infiltration of the liver.") may describe the same abnormality or two different ones; the
+texts alone do not say which. Such a pair is neither a positive nor a negative: it is left out of the
+anchor's softmax (and out of the sigmoid loss). Counting it as a negative - the rule before this one - pushes
+every abnormal organ away from the dictionary's descriptions of its own abnormality, and zero-shot
+abnormality detection came out *inverted* (AUC 0.04-0.3 for consolidation, steatosis, effusion on the
+synthetic study data while a linear probe on the same embeddings reached 0.89-1.0; docs/RESULTS.md).
+Normal phrasings of the organ stay negatives of its abnormal texts, and the other organs' texts stay
+negatives of everything: those are the contrasts the dictionary is there to add.
+
 Each loss returns `(loss, metrics)`; metrics are scalars: accuracy (top-1 candidate is equivalent to the
 positive), mean logit of the true pair, mean logit of the non-equivalent candidates, and the temperature.
 Everything is computed in float32 whatever the embedding dtype.
@@ -68,6 +78,15 @@ def equivalence_matrix(
     return same_key | (both_normal & same_organ)
 
 
+def unknown_pairs(
+    keys_a: Array, normal_a: Array, organs_a: Array, keys_b: Array, normal_b: Array, organs_b: Array
+) -> Array:
+    """(A, B) bool: different abnormal texts about the same organ (neither positive nor negative)."""
+    abnormal_both = jnp.logical_and(~normal_a[:, None], ~normal_b[None, :])
+    same_organ = organs_a[:, None] == organs_b[None, :]
+    return abnormal_both & same_organ & (keys_a[:, None] != keys_b[None, :])
+
+
 def _zero_invalid(emb: Array, valid: Array) -> Array:
     """float32 embeddings with invalid rows zeroed: a NaN in a padded slot reaches neither loss nor grad."""
     return jnp.where(valid[:, None], emb.astype(jnp.float32), 0.0)
@@ -85,11 +104,13 @@ def soft_cross_entropy(
 ) -> tuple[Array, Array]:
     """Per-row cross-entropy of `logits` (R, C) against unnormalised non-negative `targets` (R, C).
 
-    Invalid columns are removed from the softmax; targets are normalised over the valid columns. Rows that are
-    invalid or have no positive target give 0. Returns (per-row loss (R,), row-used mask (R,)).
+    Invalid columns (`col_valid` (C,), or (R, C) per row) are removed from the softmax; targets are
+    normalised over the valid columns. Rows that are invalid or have no positive target give 0. Returns
+    (per-row loss (R,), row-used mask (R,)).
     """
-    logits = jnp.where(col_valid[None, :], logits, _MASKED_LOGIT)
-    targets = jnp.where(col_valid[None, :], targets, 0.0)
+    col_valid = col_valid if col_valid.ndim == 2 else col_valid[None, :]
+    logits = jnp.where(col_valid, logits, _MASKED_LOGIT)
+    targets = jnp.where(col_valid, targets, 0.0)
     mass = jnp.sum(targets, axis=-1)
     used = row_valid & (mass > 0)
     # Invalid rows get neutral logits (zeros) so nothing large or undefined enters the backward pass.
@@ -101,8 +122,9 @@ def soft_cross_entropy(
 
 
 def _top1_hits(logits: Array, positives: Array, col_valid: Array) -> Array:
-    """(R,) bool: the highest-scoring valid column is a positive."""
-    best = jnp.argmax(jnp.where(col_valid[None, :], logits, -jnp.inf), axis=-1)
+    """(R,) bool: the highest-scoring valid column (`col_valid` (C,) or (R, C)) is a positive."""
+    col_valid = col_valid if col_valid.ndim == 2 else col_valid[None, :]
+    best = jnp.argmax(jnp.where(col_valid, logits, -jnp.inf), axis=-1)
     return jnp.take_along_axis(positives, best[:, None], axis=-1)[:, 0]
 
 
@@ -174,22 +196,25 @@ def abnormality_text_loss(
     cand_organs = jnp.concatenate([organ_ids, dict_organ_ids])
 
     equiv = equivalence_matrix(text_keys, normal, organ_ids, cand_keys, cand_normal, cand_organs)  # (N, N+M)
+    unknown = unknown_pairs(text_keys, normal, organ_ids, cand_keys, cand_normal, cand_organs)
+    cand_known = cand_valid[None, :] & ~unknown  # (N, N+M): the candidates each anchor is scored against
     i2t_logits = logit_scale * organ_emb @ cand_emb.T
-    i2t_rows, used = soft_cross_entropy(i2t_logits, equiv.astype(jnp.float32), valid, cand_valid)
+    i2t_rows, used = soft_cross_entropy(i2t_logits, equiv.astype(jnp.float32), valid, cand_known)
 
-    # text->image: the (N, N) block of equivalence is symmetric, so row j lists the organs whose texts match.
-    batch_equiv = equiv[:, : organ_emb.shape[0]]
+    # text->image: the (N, N) blocks are symmetric: row j lists the organs whose texts match (or are unknown).
+    n = organ_emb.shape[0]
+    batch_equiv = equiv[:, :n]
+    batch_known = valid[None, :] & ~unknown[:, :n]
     t2i_logits = logit_scale * text_emb @ organ_emb.T
-    t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, valid)
+    t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, batch_known)
 
     loss = 0.5 * (_masked_mean(i2t_rows, used) + _masked_mean(t2i_rows, t2i_used))
-    n = organ_emb.shape[0]
     diag = jnp.diagonal(i2t_logits[:, :n])
-    negatives = used[:, None] & cand_valid[None, :] & ~equiv
+    negatives = used[:, None] & cand_known & ~equiv
     metrics = {
-        "i2t_accuracy": _masked_mean(_top1_hits(i2t_logits, equiv, cand_valid).astype(jnp.float32), used),
+        "i2t_accuracy": _masked_mean(_top1_hits(i2t_logits, equiv, cand_known).astype(jnp.float32), used),
         "t2i_accuracy": _masked_mean(
-            _top1_hits(t2i_logits, batch_equiv, valid).astype(jnp.float32), t2i_used
+            _top1_hits(t2i_logits, batch_equiv, batch_known).astype(jnp.float32), t2i_used
         ),
         "pos_logit": _masked_mean(diag, used),
         "neg_logit": _negative_mean(i2t_logits, negatives),
@@ -231,11 +256,13 @@ def sigmoid_loss(
     img_valid: Array | None = None,
     txt_valid: Array | None = None,
     positives: Array | None = None,
+    ignore: Array | None = None,
 ) -> tuple[Array, Metrics]:
     """SigLIP pairwise sigmoid loss over an (A, B) grid of image and text embeddings.
 
     `positives` (A, B) bool marks pairs labelled +1 (default: the diagonal, A == B); every other valid pair
-    is -1. Following SigLIP the summed loss is divided by the number of valid images (not pairs).
+    is -1, except pairs marked in `ignore` (A, B), which count for nothing. Following SigLIP the summed loss
+    is divided by the number of valid images (not pairs).
     With an equivalence matrix as `positives` this is the organ-level variant (`abnormality_sigmoid_loss`).
     """
     a, b = img_emb.shape[0], txt_emb.shape[0]
@@ -245,6 +272,8 @@ def sigmoid_loss(
     txt_emb = _zero_invalid(txt_emb, txt_valid)
     positives = jnp.eye(a, b, dtype=bool) if positives is None else positives.astype(bool)
     pair_valid = img_valid[:, None] & txt_valid[None, :]
+    if ignore is not None:
+        pair_valid = pair_valid & ~ignore.astype(bool)
     logits = logit_scale * img_emb @ txt_emb.T + logit_bias
     signs = jnp.where(positives, 1.0, -1.0)
     pair_loss = -jax.nn.log_sigmoid(jnp.where(pair_valid, signs * logits, 0.0))
@@ -280,19 +309,18 @@ def abnormality_sigmoid_loss(
     """Organ-level SigLIP: same inputs and equivalence rule as `abnormality_text_loss`, sigmoid per pair.
 
     Every organ embedding is scored against the batch texts plus the dictionary; pairs whose texts are
-    equivalent are positives (+1), all other valid pairs negatives.
+    equivalent are positives (+1), unknown pairs are left out, all other valid pairs are negatives.
     """
     cand_emb = jnp.concatenate([text_emb, dict_emb], axis=0)
     cand_valid = jnp.concatenate([valid.astype(bool), dict_valid.astype(bool)])
-    equiv = equivalence_matrix(
-        text_keys,
-        normal.astype(bool),
-        organ_ids,
+    a = (text_keys, normal.astype(bool), organ_ids)
+    b = (
         jnp.concatenate([text_keys, dict_keys]),
         jnp.concatenate([normal.astype(bool), dict_normal.astype(bool)]),
         jnp.concatenate([organ_ids, dict_organ_ids]),
     )
-    return sigmoid_loss(organ_emb, cand_emb, logit_scale, logit_bias, valid, cand_valid, equiv)
+    return sigmoid_loss(organ_emb, cand_emb, logit_scale, logit_bias, valid, cand_valid,
+                        equivalence_matrix(*a, *b), ignore=unknown_pairs(*a, *b))
 
 
 def total_loss(

@@ -134,6 +134,21 @@ def test_segmentation_cli_sliding_window_over_whole_volumes(workdir, data_dir, t
     assert tumour["cases_scored"] + tumour["cases_empty_both"] == 8
     assert m["dice"] == tumour["dice"] and 0.0 <= m["mean_dice"] <= 1.0
     assert finite(r["train_curve"]["loss"]) and r["pretrained"]["step"] == 2
+    assert r["settings"]["head"] == "UNETRHead"
+    assert r["settings"]["foreground_fraction"] == pytest.approx(1 / 3)
+
+
+def test_segmentation_linear_probe_cli_and_bad_fraction(workdir, data_dir, tmp_path, capsys):
+    common = ("--task", "segmentation", "--workdir", workdir, "--data", "ctglip_synthetic:tiny", "--data-dir",
+              data_dir, "--steps", 2, "--batch-size", 2, "--crop", "16,16,32", "--overlap", 0)
+    probe = ("--mode", "probe", "--head", "linear", "--foreground-fraction", 1)
+    assert cli(*common, *probe, "--out", tmp_path) == 0
+    r = json.loads((tmp_path / "finetune_segmentation.json").read_text())
+    assert r["settings"]["head"] == "LinearTokenHead" and r["settings"]["mode"] == "probe"
+    assert r["settings"]["foreground_fraction"] == 1.0 and finite(r["train_curve"]["loss"])
+    capsys.readouterr()
+    assert cli(*common, "--foreground-fraction", 1.5, "--out", tmp_path) == 2
+    assert "must be in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,11 @@ def _equivalent(k1, n1, o1, k2, n2, o2) -> bool:
     return bool(k1 == k2 or (n1 and n2 and o1 == o2))
 
 
+def _unknown(k1, n1, o1, k2, n2, o2) -> bool:
+    """Two different abnormal texts about one organ: neither positive nor negative."""
+    return bool(not n1 and not n2 and o1 == o2 and k1 != k2)
+
+
 def ref_abnormality(b, scale):
     """b: dict of numpy arrays. Direction by direction, candidate by candidate."""
     n = len(b["organ_emb"])
@@ -56,15 +61,20 @@ def ref_abnormality(b, scale):
         if not b["valid"][i]:
             continue
         me = (b["keys"][i], b["normal"][i], b["organs"][i])
-        logits = np.array([scale * np.dot(b["organ_emb"][i].astype(np.float64), c[0]) for c in cands])
-        target = np.array([1.0 if _equivalent(*me, *c[1:]) else 0.0 for c in cands])
+        known = [c for c in cands if not _unknown(*me, *c[1:])]
+        logits = np.array([scale * np.dot(b["organ_emb"][i].astype(np.float64), c[0]) for c in known])
+        target = np.array([1.0 if _equivalent(*me, *c[1:]) else 0.0 for c in known])
         i2t.append(-np.sum(target / target.sum() * _log_softmax(logits)))
     t2i = []
     for j in range(n):
         if not b["valid"][j]:
             continue
         me = (b["keys"][j], b["normal"][j], b["organs"][j])
-        idx = [i for i in range(n) if b["valid"][i]]
+        idx = [
+            i
+            for i in range(n)
+            if b["valid"][i] and not _unknown(*me, b["keys"][i], b["normal"][i], b["organs"][i])
+        ]
         logits = np.array(
             [scale * np.dot(b["text_emb"][j].astype(np.float64), b["organ_emb"][i]) for i in idx]
         )
@@ -86,11 +96,11 @@ def ref_clip(img, txt, scale, valid=None):
     return 0.5 * (np.mean(i2t) + np.mean(t2i))
 
 
-def ref_sigmoid(img, txt, scale, bias, img_valid, txt_valid, positives):
+def ref_sigmoid(img, txt, scale, bias, img_valid, txt_valid, positives, ignore=None):
     total = 0.0
     for i in range(len(img)):
         for j in range(len(txt)):
-            if img_valid[i] and txt_valid[j]:
+            if img_valid[i] and txt_valid[j] and not (ignore is not None and ignore[i, j]):
                 z = scale * np.dot(img[i].astype(np.float64), txt[j]) + bias
                 label = 1.0 if positives[i, j] else -1.0
                 total += np.log1p(np.exp(-label * z))
@@ -188,8 +198,11 @@ def test_abnormality_soft_targets_hand_computed():
     loss, m = call_abnormality(b, 1.0)
     assert float(loss) == pytest.approx(math.log(1 + math.e) - 0.5, abs=1e-6)
     assert float(m["i2t_accuracy"]) == 1.0
-    # Abnormal texts with different keys are plain negatives: hard target.
+    # Different abnormal texts about the same organ are left out of each other's softmax: nothing to learn.
     b["normal"] = np.array([False, False])
+    assert float(call_abnormality(b, 1.0)[0]) == pytest.approx(0.0, abs=1e-6)
+    # About different organs they are plain negatives: hard target.
+    b["organs"] = np.array([5, 6])
     assert float(call_abnormality(b, 1.0)[0]) == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
     # Normal statements about different organs are negatives too.
     b["normal"], b["organs"] = np.array([True, True]), np.array([5, 6])
@@ -213,6 +226,26 @@ def test_abnormality_dictionary_entries():
     assert float(padded) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_other_abnormal_texts_of_the_same_organ_are_left_out():
+    """An abnormal liver vs a different abnormal liver phrasing: unknown (may be its own abnormality), so
+    not a negative; vs a normal liver phrasing or an abnormal spleen phrasing: a negative."""
+    eye = np.eye(3, dtype=np.float32)
+    base = dict(organ_emb=eye[:1], text_emb=eye[:1], valid=np.array([True]), keys=np.array([1]),
+                normal=np.array([False]), organs=np.array([5]), dict_emb=eye[1:2],
+                dict_valid=np.array([True]), dict_keys=np.array([7]))  # fmt: skip
+
+    def entry(normal, organ):
+        return {**base, "dict_normal": np.array([normal]), "dict_organs": np.array([organ])}
+
+    negative = 0.5 * math.log(1 + math.exp(-1))  # i2t logits (1, 0), target on the first
+    assert float(call_abnormality(entry(False, 5), 1.0)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(call_abnormality(entry(True, 5), 1.0)[0]) == pytest.approx(negative, abs=1e-6)
+    assert float(call_abnormality(entry(False, 6), 1.0)[0]) == pytest.approx(negative, abs=1e-6)
+    # the sigmoid variant leaves the same pair out too: only the positive pair (logit 1 + bias 0) counts
+    sig = call_abnormality(entry(False, 5), 1.0, fn=losses.abnormality_sigmoid_loss, logit_bias=0.0)
+    assert float(sig[0]) == pytest.approx(math.log1p(math.exp(-1)), abs=1e-6)
+
+
 def test_abnormality_metrics_match_numpy():
     b = make_batch(3)
     _, m = abnormality_jit(*[b[k] for k in ABN_ORDER], 10.0)
@@ -227,14 +260,13 @@ def test_abnormality_metrics_match_numpy():
         if not b["valid"][i]:
             continue
         logits = 10.0 * cand @ b["organ_emb"][i].astype(np.float64)
-        eq = [
-            _equivalent(b["keys"][i], b["normal"][i], b["organs"][i], ck[c], cn[c], co[c])
-            for c in range(len(ck))
-        ]
-        best = max((c for c in range(len(ck)) if cval[c]), key=lambda c: logits[c])
+        me = (b["keys"][i], b["normal"][i], b["organs"][i])
+        eq = [_equivalent(*me, ck[c], cn[c], co[c]) for c in range(len(ck))]
+        known = [c for c in range(len(ck)) if cval[c] and not _unknown(*me, ck[c], cn[c], co[c])]
+        best = max(known, key=lambda c: logits[c])
         hits.append(eq[best])
         pos.append(logits[i])
-        neg += [logits[c] for c in range(len(ck)) if cval[c] and not eq[c]]
+        neg += [logits[c] for c in known if not eq[c]]
     assert float(m["i2t_accuracy"]) == pytest.approx(np.mean(hits), abs=TOL)
     assert float(m["pos_logit"]) == pytest.approx(np.mean(pos), abs=TOL)
     assert float(m["neg_logit"]) == pytest.approx(np.mean(neg), abs=TOL)
@@ -339,7 +371,10 @@ def test_abnormality_sigmoid_matches_numpy():
     n = len(b["valid"])
     pos = np.array([[_equivalent(b["keys"][i], b["normal"][i], b["organs"][i], ck[c], cn[c], co[c])
                      for c in range(len(ck))] for i in range(n)])  # fmt: skip
-    ref = ref_sigmoid(b["organ_emb"], cand, 10.0, -5.0, b["valid"], cval, pos)
+    ignore = np.array([[_unknown(b["keys"][i], b["normal"][i], b["organs"][i], ck[c], cn[c], co[c])
+                        for c in range(len(ck))] for i in range(n)])  # fmt: skip
+    assert ignore.any() and (~ignore & ~pos).any()  # the batch exercises all three kinds of pair
+    ref = ref_sigmoid(b["organ_emb"], cand, 10.0, -5.0, b["valid"], cval, pos, ignore)
     assert float(loss) == pytest.approx(ref, abs=TOL)
 
 

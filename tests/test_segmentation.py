@@ -120,7 +120,39 @@ def test_segmentation_net_shapes(tower):
     assert logits.shape == (2, 16, 16, 8, 3)
 
 
+def test_linear_token_head_maps_each_token_to_its_own_patch():
+    """Against numpy: voxel (x, y, z) gets token (x//px, y//py, z//pz) @ W[:, voxel-in-patch, class] + b."""
+    patch, grid, width, classes = (4, 2, 2), (2, 3, 2), 5, 3
+    head = seg_heads.LinearTokenHead(classes, patch)
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(2, *grid, width)).astype(np.float32)
+    params = random_params(jax.eval_shape(lambda t: head.init(jax.random.key(0), None, t), tokens), seed=3)
+    logits = np.asarray(head.apply(params, None, tokens))
+    assert logits.shape == (2, 8, 6, 4, classes)
+    w = np.asarray(params["params"]["logits"]["kernel"]).reshape(width, *patch, classes)
+    b = np.asarray(params["params"]["logits"]["bias"]).reshape(*patch, classes)
+    for x, y, z in [(0, 0, 0), (5, 4, 3), (7, 5, 1), (3, 1, 2)]:
+        token = tokens[1, x // 4, y // 2, z // 2]
+        want = token @ w[:, x % 4, y % 2, z % 2] + b[x % 4, y % 2, z % 2]
+        np.testing.assert_allclose(logits[1, x, y, z], want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_head_net_keeps_no_layers_and_trains_only_the_head_when_frozen():
+    net = S.segmentation_net(vit3d("tiny"), num_classes=2, head="linear")
+    assert isinstance(net.head, seg_heads.LinearTokenHead) and net.encoder.keep_layers == ()
+    params = random_params(jax.eval_shape(
+        lambda x: net.init(jax.random.key(0), x), jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)), seed=2)
+    trained, losses = S.train_segmentation(net, params, toy_cases(), steps=8, learning_rate=3e-2,
+                                           freeze_encoder=True)
+    assert losses[-1] < losses[0]
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params["encoder"], trained["encoder"])))
+    # a U-Net keeps its own (already linear) head whatever is asked
+    assert isinstance(S.segmentation_net(unet3d("tiny"), 2, head="linear").head, seg_heads.UNetHead)
+
+
 def test_segmentation_net_rejects():
+    with pytest.raises(ConfigError, match="unknown head"):
+        S.segmentation_net(vit3d("tiny"), num_classes=2, head="fpn")
     with pytest.raises(ConfigError, match="num_classes"):
         S.segmentation_net(vit3d("tiny"), num_classes=1)
     with pytest.raises(ConfigError, match="no segmentation head"):

@@ -186,6 +186,24 @@ def test_pair_texts():
         P.finding_pair_texts("a liver cyst", "liver", ("nope",))
 
 
+def test_dictionary_pair_is_the_dictionary_split_into_finding_and_normal_texts():
+    from ctglip_jax.data.findings import abnormality_dictionary, finding_phrasings
+
+    cyst = FINDINGS_BY_NAME["liver_cyst"]
+    present, absent = P.finding_pair_texts(cyst, "liver", ("dictionary", "short"))
+    liver = abnormality_dictionary()["liver"]
+    assert present[-1] == "A liver cyst." and absent[-1] == "Not a liver cyst."
+    present, absent = present[:-1], absent[:-1]
+    assert set(present) | set(absent) <= set(liver) and not set(present) & set(absent)
+    assert len(present) == len(cyst.phrasings) and "The liver is unremarkable." in absent
+    # the dictionary's liver entries are exactly: this pair, plus the other liver findings' phrasings
+    others = {t for f in FINDINGS if "liver" in f.organs and f.name != "liver_cyst"
+              for t in finding_phrasings(f, "liver")}  # fmt: skip
+    assert set(liver) == set(present) | set(absent) | others and not (set(present) | set(absent)) & others
+    with pytest.raises(ConfigError, match="needs a Finding"):
+        P.finding_pair_texts("a liver cyst", "liver", ("dictionary",))
+
+
 def abnormality_setup():
     """Liver cyst in cases 0, 1 (liver embedding = the 'present' vector, else 'absent': separable);
     renal cyst in the LEFT kidney of case 2 (embedding = 'present'; every other kidney 'absent');

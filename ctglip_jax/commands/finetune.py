@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manual-dir", default=None, help="your folder, to build msd_tumor/ctglip_nifti")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="segmentation: sliding-window overlap of the whole-volume test (0 = tiles)")
+    parser.add_argument("--head", choices=("unetr", "linear"), default="unetr",
+                        help="segmentation on a ViT: UNETR decoder, or a per-token linear map to its patch "
+                             "(a cheap probe, usually with --mode probe); a U-Net always uses its 1x1x1 head")
+    parser.add_argument("--foreground-fraction", type=float, default=1 / 3,
+                        help="segmentation: share of training crops centred on a tumour voxel (nnU-Net: 1/3)")
     parser.add_argument("--out", default=None, help="output folder (default <workdir>/finetune)")
 
 
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "detection":
         run_task, extra = finetune.run_detection, {}
     else:
-        run_task, extra = finetune.run_segmentation, {"overlap": args.overlap}
+        run_task, extra = finetune.run_segmentation, {"overlap": args.overlap, "head": args.head,
+                                                  "foreground_fraction": args.foreground_fraction}
     result = run_task(
         pretrained, data=args.data, mode=mode, steps=args.steps, lr=args.lr,
         crop=args.crop, seed=args.seed, from_scratch=args.from_scratch, data_dir=args.data_dir,

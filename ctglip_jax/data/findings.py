@@ -460,31 +460,36 @@ def abnormality_dictionary() -> dict[str, list[str]]:
     Every other organ gets normal phrasings only, so the abnormality loss always has same-organ negatives.
     'face' is left out: no report wording names it (a text about it would be assigned to no organ).
     """
-    from ctglip_jax.data import report_writer  # the writer imports this module
-
     out: dict[str, list[str]] = {}
     for name in organs.v1_names().values():
         if name in _UNNAMEABLE:
             continue
-        organ = _organ_text(name)
-        side = "left" if name.endswith("left") else "right"
-        level = name.removeprefix("vertebrae_") if name.startswith("vertebrae_") else ""
-        texts = []
-        for f in FINDINGS:
-            if name not in f.organs:
-                continue
-            places = list(LOCATIONS[f.location_set]) if f.location_set else [organ]
-            for k, template in enumerate(f.phrasings):
-                size = ("12 mm", "2.5 cm", "7 mm")[k % 3] if f.kind != "enlargement" else "16.0 cm"
-                texts.append(
-                    fill(template, size=size, location=places[k % len(places)], side=side, level=level)
-                )
-        unit = report_writer.unit_of(name)
-        if unit is not None:
-            texts += list(unit.normal)
-        texts += [t.format(organ=organ) for t in _NORMAL_GENERIC]
-        out[name] = list(dict.fromkeys(texts))
+        texts = [t for f in FINDINGS if name in f.organs for t in finding_phrasings(f, name)]
+        out[name] = list(dict.fromkeys(texts + normal_phrasings(name)))
     return out
+
+
+def finding_phrasings(finding: Finding, organ_name: str) -> list[str]:
+    """The dictionary's descriptions of `finding` in one organ (sizes and sub-organ locations varied)."""
+    organ = _organ_text(organ_name)
+    side = "left" if organ_name.endswith("left") else "right"
+    level = organ_name.removeprefix("vertebrae_") if organ_name.startswith("vertebrae_") else ""
+    places = list(LOCATIONS[finding.location_set]) if finding.location_set else [organ]
+    texts = []
+    for k, template in enumerate(finding.phrasings):
+        size = ("12 mm", "2.5 cm", "7 mm")[k % 3] if finding.kind != "enlargement" else "16.0 cm"
+        texts.append(fill(template, size=size, location=places[k % len(places)], side=side, level=level))
+    return texts
+
+
+def normal_phrasings(organ_name: str) -> list[str]:
+    """The dictionary's normal statements about one organ: the report writer's own, then generic ones."""
+    from ctglip_jax.data import report_writer  # the writer imports this module
+
+    unit = report_writer.unit_of(organ_name)
+    texts = list(unit.normal) if unit is not None else []
+    texts += [t.format(organ=_organ_text(organ_name)) for t in _NORMAL_GENERIC]
+    return list(dict.fromkeys(texts))
 
 
 def fill(template: str, *, size: str = "", location: str = "", side: str = "", level: str = "") -> str:

@@ -59,6 +59,7 @@ class PipelineConfig:
     hu_scale_jitter: float = 0.05
     hu_shift_jitter: float = 20.0
     window: tuple[float, float] = DEFAULT_WINDOW
+    foreground_fraction: float = 0.0  # share of random crops centred on a tumor_mask voxel (fine-tuning)
     seed: int = 0
     shuffle: bool = True
     random_augment: bool = True  # False: centre crop, no flips/jitter, slots ordered by id (evaluation)
@@ -93,6 +94,7 @@ class PipelineConfig:
             hu_scale=self.hu_scale_jitter,
             hu_shift=self.hu_shift_jitter,
             window=tuple(self.window),
+            foreground_fraction=float(self.foreground_fraction),
         )
 
 

@@ -34,6 +34,9 @@ PAIR_TEMPLATES: dict[str, tuple[str, str]] = {
     "present": ("{Finding} is present.", "{Finding} is not present."),
     "in_organ": ("{Finding} in the {organ}.", "No {finding_bare} in the {organ}."),
 }
+# Not a format pair: the abnormality dictionary's own texts, the finding's report phrasings against the
+# organ's normal statements (what CT-GLIP's dictionary holds). Handled by `finding_pair_texts`.
+DICTIONARY_TEMPLATE = "dictionary"
 DEFAULT_PAIR_TEMPLATES: tuple[str, ...] = ("short",)
 
 TextsToEmbeddings = Callable[[Sequence[str]], np.ndarray]
@@ -73,15 +76,18 @@ def _strip_article(phrase: str) -> str:
 
 
 def finding_pair_texts(
-    finding_prompt: str, organ_name: str, templates: Sequence[str | tuple[str, str]] = DEFAULT_PAIR_TEMPLATES
+    finding, organ_name: str, templates: Sequence[str | tuple[str, str]] = DEFAULT_PAIR_TEMPLATES
 ) -> tuple[list[str], list[str]]:
     """`(present texts, absent texts)` for one finding in one organ, one text per template pair.
 
-    A template is a key of `PAIR_TEMPLATES` or a `(present, absent)` tuple of format strings using
-    {finding}, {Finding}, {finding_bare} (article dropped) and {organ}.
+    `finding`: a `data.findings.Finding` or its prompt text ("a liver cyst"). A template is a key of
+    `PAIR_TEMPLATES`, a `(present, absent)` tuple of format strings using {finding}, {Finding},
+    {finding_bare} (article dropped) and {organ}, or "dictionary" (needs a `Finding`): all the dictionary's
+    phrasings of the finding in that organ against all its normal statements about the organ.
     """
     if not templates:
         raise ConfigError("abnormality templates", "need at least one template pair")
+    finding_prompt = finding if isinstance(finding, str) else finding.prompt
     values = {
         "finding": finding_prompt,
         "Finding": finding_prompt[:1].upper() + finding_prompt[1:],
@@ -90,12 +96,20 @@ def finding_pair_texts(
     }
     present, absent = [], []
     for template in templates:
+        if template == DICTIONARY_TEMPLATE:
+            if isinstance(finding, str):
+                raise ConfigError("abnormality templates", "the 'dictionary' pair needs a Finding, not text")
+            from ctglip_jax.data.findings import finding_phrasings, normal_phrasings
+
+            present += finding_phrasings(finding, organ_name)
+            absent += normal_phrasings(organ_name)
+            continue
         if isinstance(template, str):
             if template not in PAIR_TEMPLATES:
                 raise ConfigError(
                     "abnormality templates",
                     f"unknown template pair {template!r}; use one of "
-                    f"{sorted(PAIR_TEMPLATES)} or a (present, absent) "
+                    f"{sorted(PAIR_TEMPLATES)}, '{DICTIONARY_TEMPLATE}' or a (present, absent) "
                     "pair of strings",
                 )
             template = PAIR_TEMPLATES[template]

@@ -28,7 +28,7 @@ from ctglip_jax.errors import ConfigError
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.sliding_window import SlidingWindow
 from ctglip_jax.models.cnn3d import UNet3D
-from ctglip_jax.models.seg_heads import UNetHead, UNETRHead, unetr_keep_layers
+from ctglip_jax.models.seg_heads import LinearTokenHead, UNetHead, UNETRHead, unetr_keep_layers
 from ctglip_jax.models.vit3d import ViT3D
 
 
@@ -49,7 +49,7 @@ class SegmentationNet:
             tokens, state = self.encoder.apply(
                 {"params": params["encoder"]}, images, mutable=["intermediates"]
             )
-            kept = state["intermediates"]
+            kept = state.get("intermediates", {})
             skips = [kept[f"layer{i}"][0] for i in self.encoder.keep_layers]
             return self.head.apply({"params": params["head"]}, images, tokens, skips)
         maps = self.encoder.apply({"params": params["encoder"]}, images, 0, method=UNet3D.decoder_maps)
@@ -64,7 +64,8 @@ class SegmentationNet:
                 tokens, state = self.encoder.apply(
                     {"params": encoder_params}, images, mutable=["intermediates"]
                 )
-                skips = [state["intermediates"][f"layer{i}"][0] for i in self.encoder.keep_layers]
+                kept = state.get("intermediates", {})
+                skips = [kept[f"layer{i}"][0] for i in self.encoder.keep_layers]
                 return self.head.init(head_rng, images, tokens, skips)["params"]
             maps = self.encoder.apply({"params": encoder_params}, images, 0, method=UNet3D.decoder_maps)
             return self.head.init(head_rng, maps[-1])["params"]
@@ -74,11 +75,23 @@ class SegmentationNet:
         return {"encoder": encoder_params, "head": jax.jit(head_init)(images, encoder_params)}
 
 
-def segmentation_net(tower: nn.Module, num_classes: int, *, features: int = 16) -> SegmentationNet:
-    """UNETR head for a `ViT3D` tower, 1x1x1 head for a `UNet3D` tower (any other tower: ConfigError)."""
+HEADS = ("unetr", "linear")
+
+
+def segmentation_net(
+    tower: nn.Module, num_classes: int, *, features: int = 16, head: str = "unetr"
+) -> SegmentationNet:
+    """`head="unetr"`: UNETR decoder on a `ViT3D` tower; `"linear"`: a per-token linear map to its patch's
+    voxels. A `UNet3D` tower always gets its 1x1x1 head (already linear). Any other tower: ConfigError."""
     if num_classes < 2:
         raise ConfigError(
             "segmentation", f"num_classes must be >= 2 (background + classes), got {num_classes}"
+        )
+    if head not in HEADS:
+        raise ConfigError("segmentation", f"unknown head {head!r}; use one of {', '.join(HEADS)}")
+    if isinstance(tower, ViT3D) and head == "linear":
+        return SegmentationNet(
+            tower.clone(keep_layers=()), LinearTokenHead(num_classes, tuple(tower.patch_size)), num_classes
         )
     if isinstance(tower, ViT3D):
         keep = unetr_keep_layers(tower.depth, tower.patch_size)
@@ -135,6 +148,8 @@ def train_segmentation(
         tx = _freeze_encoder(tx)
 
     def loss_fn(p, images, labels):
+        if freeze_encoder:  # no backward pass through the encoder at all, not just zero updates
+            p = {**p, "encoder": jax.lax.stop_gradient(p["encoder"])}
         return segmentation_loss(net.apply(p, images), labels, net.num_classes, dice_weight)
 
     @jax.jit

@@ -204,7 +204,7 @@ class AbnormalityEvaluator:
         self.findings = tuple(findings)
         self.min_voxels = min_voxels
         self.pair_texts = {
-            (finding.name, organs.organ_id(organ)): finding_pair_texts(finding.prompt, organ, self.templates)
+            (finding.name, organs.organ_id(organ)): finding_pair_texts(finding, organ, self.templates)
             for finding in self.findings
             for organ in finding.organs
         }

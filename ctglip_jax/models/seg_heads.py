@@ -10,6 +10,11 @@ of two. `unetr_keep_layers` picks the `n - 1` layers to keep, evenly spread over
 
 CNN: the U-Net tower already has a decoder; its full-resolution map plus a 1x1x1 convolution is the
 segmentation head (what nnU-Net itself does).
+
+Linear probe (ViT): each token's features map linearly to the logits of the voxels of its own patch
+(SETR-naive / the DINOv2 linear segmentation probe without upsampling). With a frozen encoder it measures
+what the pretrained tokens already hold, at a fraction of UNETR's cost (its 3-D convolutions dominate a
+CPU run); the U-Net's 1x1x1 head is the CNN's linear probe.
 """
 
 from __future__ import annotations
@@ -117,3 +122,20 @@ class UNetHead(nn.Module):
     @nn.compact
     def __call__(self, decoder_map: jax.Array) -> jax.Array:
         return nn.Conv(self.num_classes, (1, 1, 1), name="logits")(decoder_map.astype(jnp.float32))
+
+
+class LinearTokenHead(nn.Module):
+    """Token map `(B, gx, gy, gz, D)` -> per-voxel logits `(B, gx*px, gy*py, gz*pz, num_classes)`: one linear
+    map per token to its patch's voxels (no image skip, no intermediate layers)."""
+
+    num_classes: int
+    patch_size: Shape3
+
+    @nn.compact
+    def __call__(self, images: jax.Array, tokens: jax.Array, skips: Sequence[jax.Array] = ()) -> jax.Array:
+        del images, skips  # the probe sees the final tokens only
+        b, gx, gy, gz, _ = tokens.shape
+        px, py, pz = (int(p) for p in self.patch_size)
+        x = nn.Dense(px * py * pz * self.num_classes, name="logits")(tokens.astype(jnp.float32))
+        x = x.reshape(b, gx, gy, gz, px, py, pz, self.num_classes)
+        return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, gx * px, gy * py, gz * pz, self.num_classes)

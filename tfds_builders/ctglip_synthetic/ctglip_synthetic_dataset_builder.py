@@ -55,6 +55,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         num_train=32, num_validation=8, num_test=8, seed=0),
         SyntheticConfig(name="small", description="Demo size.", preset="small",
                         num_train=64, num_validation=16, num_test=16, seed=1),
+        SyntheticConfig(name="study", description="The reproduction study: demo-size phantoms, a test split "
+                        "large enough for AUC and Dice (about 200 MB).", preset="small",
+                        num_train=256, num_validation=32, num_test=128, seed=4),
         SyntheticConfig(name="medium", description="A real single-host run (about 1.4 GB).", preset="medium",
                         num_train=800, num_validation=100, num_test=100, seed=2),
         SyntheticConfig(name="large", description="A long run (about 15 GB).", preset="large",

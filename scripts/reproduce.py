@@ -1,0 +1,75 @@
+"""Reproduce the paper's claim on synthetic data: CT-GLIP vs CLIP x {ViT, CNN} x seeds, plus ablations.
+
+    python scripts/reproduce.py                      # the full study (a few hours on 2 CPU cores)
+    python scripts/reproduce.py --quick              # 1 seed, fewer steps (~20 min): a check of the set-up
+    nohup python scripts/reproduce.py > reproduce.log 2>&1 &   # in the background; rerun to resume
+
+Resumable: finished runs (`<out>/runs/<name>/result.json`) are skipped and an interrupted pretraining
+resumes from its last checkpoint. Writes `<out>/results.json` (mean ± std per group, paired CT-GLIP - CLIP
+differences, cost) and `<out>/results.md` (the tables in docs/RESULTS.md). See `ctglip_jax/study.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from ctglip_jax import study
+from ctglip_jax.errors import CTGlipInputError
+
+QUICK = dict(seeds=(0,), steps=(("vit", 150), ("cnn", 40)), seg_steps=100, dataset_config="small")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v for v in text.split(",") if v)
+
+
+def parse_args(argv=None) -> study.StudySettings:
+    defaults = study.StudySettings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=defaults.out, help="study folder (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help=f"a short check: {QUICK}")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--encoders", type=_names, help="vit,cnn (default both)")
+    p.add_argument("--ablations", type=_names, help=f"subset of {','.join(study.ABLATIONS)}; '' for none")
+    p.add_argument("--vit-steps", type=int, help="pretraining steps of every ViT run (default 400)")
+    p.add_argument("--cnn-steps", type=int, help="pretraining steps of every CNN run (default 150)")
+    p.add_argument("--seg-steps", type=int, help="TS training steps (default 300)")
+    p.add_argument("--seg-mode", choices=("probe", "full"), help="TS: frozen encoder (default) or fine-tuned")
+    p.add_argument("--seg-head", choices=("linear", "unetr"), help="TS head on a ViT (default linear)")
+    p.add_argument("--config-override", action="append", default=[], metavar="--config.KEY=VALUE",
+                   help="appended to every run's config (repeatable), e.g. "
+                        "--config-override=--config.model.image_tower_kw.dtype=bfloat16 on an accelerator")
+    p.add_argument("--data-dir", default="", help="TFDS folder (default <out>/tensorflow_datasets)")
+    args = p.parse_args(argv)
+    values = {"out": args.out, "data_dir": args.data_dir, "config_overrides": tuple(args.config_override)}
+    if args.quick:
+        values.update(QUICK)
+    steps = dict(values.get("steps", defaults.steps))
+    steps.update({k: v for k, v in (("vit", args.vit_steps), ("cnn", args.cnn_steps)) if v is not None})
+    values["steps"] = tuple(steps.items())
+    for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    return dataclasses.replace(defaults, **values)
+
+
+def main(argv=None) -> int:
+    try:
+        settings = parse_args(argv)
+        summary = study.run_study(settings)
+    except CTGlipInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(study.format_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
