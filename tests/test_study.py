@@ -15,8 +15,8 @@ from ctglip_jax.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("reproduce_script", ROOT / "scripts/reproduce.py")
+def load_script(name="reproduce"):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -159,7 +159,7 @@ def test_script_arguments(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir):
+def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir, capsys):
     """Pretraining + OR/AD/TD/TS on the tiny data with a tiny text tower; the row has every metric."""
     settings = _small_settings(
         tmp_path, tiny_data, seeds=(0,), ablations=(), steps=(("vit", 2), ("cnn", 1)), seg_steps=2,
@@ -175,3 +175,14 @@ def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir
     ts = json.loads((tmp_path / "runs/ctglip_vit_s0/eval/finetune_segmentation.json").read_text())
     assert ts["settings"]["head"] == "LinearTokenHead" and ts["settings"]["mode"] == "probe"
     assert set(summary["groups"]) == {"CT-GLIP/vit", "CLIP/vit"}
+    cells = summary["per_finding"]["CT-GLIP/vit"]  # read back from the run's eval JSONs
+    assert cells and all(set(c) == {"zero_shot", "probe"} for c in cells.values())
+
+    # the diagnosis script on the same workdir: one JSON line per finding, every text scored
+    capsys.readouterr()
+    diagnose = load_script("diagnose_abnormality")
+    assert diagnose.main(["--workdir", str(tmp_path / "runs/ctglip_vit_s0/workdir"),
+                          "--findings", "liver_cyst,splenomegaly"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [d["finding"] for d in lines] == ["liver_cyst", "splenomegaly"]
+    assert all(len(d["texts"]) > 5 and {"probe_auc", "pair_short_auc"} <= set(d) for d in lines)
