@@ -1,7 +1,7 @@
 """Reproduce the paper's claim on synthetic data: CT-GLIP vs CLIP x {ViT, CNN} x seeds, plus ablations.
 
     python scripts/reproduce.py                      # the full study (a few hours on 2 CPU cores)
-    python scripts/reproduce.py --quick              # 1 seed, fewer steps (~20 min): a check of the set-up
+    python scripts/reproduce.py --quick              # 1 seed, fewer steps, the small data: a set-up check
     nohup python scripts/reproduce.py > reproduce.log 2>&1 &   # in the background; rerun to resume
 
 Resumable: finished runs (`<out>/runs/<name>/result.json`) are skipped and an interrupted pretraining
