@@ -46,6 +46,7 @@ def parse_args(argv=None) -> study.StudySettings:
     p.add_argument("--config-override", action="append", default=[], metavar="--config.KEY=VALUE",
                    help="appended to every run's config (repeatable), e.g. "
                         "--config-override=--config.model.image_tower_kw.dtype=bfloat16 on an accelerator")
+    p.add_argument("--dataset-config", help="ctglip_synthetic config (default study; --quick: small)")
     p.add_argument("--data-dir", default="", help="TFDS folder (default <out>/tensorflow_datasets)")
     args = p.parse_args(argv)
     values = {"out": args.out, "data_dir": args.data_dir, "config_overrides": tuple(args.config_override)}
@@ -54,7 +55,7 @@ def parse_args(argv=None) -> study.StudySettings:
     steps = dict(values.get("steps", defaults.steps))
     steps.update({k: v for k, v in (("vit", args.vit_steps), ("cnn", args.cnn_steps)) if v is not None})
     values["steps"] = tuple(steps.items())
-    for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head"):
+    for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head", "dataset_config"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return dataclasses.replace(defaults, **values)

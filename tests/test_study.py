@@ -149,10 +149,10 @@ def test_script_arguments(tmp_path, capsys):
     quick = script.parse_args(["--quick", "--out", str(tmp_path)])
     assert quick.seeds == (0,) and quick.steps_for("vit") == 150 and quick.out == tmp_path
     custom = script.parse_args(["--seeds", "3,4", "--encoders", "cnn", "--ablations", "", "--cnn-steps", "9",
-                                "--config-override=--config.log_every=1"])
+                                "--config-override=--config.log_every=1", "--dataset-config", "medium"])
     assert custom.seeds == (3, 4) and custom.encoders == ("cnn",) and custom.ablations == ()
     assert custom.steps_for("cnn") == 9 and custom.steps_for("vit") == 400
-    assert custom.config_overrides == ("--config.log_every=1",)
+    assert custom.config_overrides == ("--config.log_every=1",) and custom.dataset_config == "medium"
     assert len(study.plan(custom)) == 2 * 2  # {CT-GLIP, CLIP} x cnn x 2 seeds, no ablations
     assert script.main(["--encoders", "vgg", "--out", str(tmp_path)]) == 2
     assert "vgg" in capsys.readouterr().err
