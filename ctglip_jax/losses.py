@@ -20,12 +20,11 @@ against it.
 Unknown pairs. Two *different abnormal* texts about the *same organ* ("Diffuse hepatic steatosis." and the
 dictionary's "Fatty infiltration of the liver.") may describe the same abnormality or two different ones; the
 texts alone do not say which. Such a pair is neither a positive nor a negative: it is left out of the
-anchor's softmax (and out of the sigmoid loss). Counting it as a negative - the rule before this one - pushes
-every abnormal organ away from the dictionary's descriptions of its own abnormality, and zero-shot
-abnormality detection came out *inverted* (AUC 0.04-0.3 for consolidation, steatosis, effusion on the
-synthetic study data while a linear probe on the same embeddings reached 0.89-1.0; docs/RESULTS.md).
-Normal phrasings of the organ stay negatives of its abnormal texts, and the other organs' texts stay
-negatives of everything: those are the contrasts the dictionary is there to add.
+anchor's softmax (and out of the sigmoid loss). Counting it as a negative - the rule before this one - pushed
+every abnormal organ away from the dictionary's descriptions of its own abnormality (docs/RESULTS.md, "Why":
+a correctness fix; the inverted zero-shot AUCs seen there have another main cause). Normal phrasings of the
+organ stay negatives of its abnormal texts, and the other organs' texts stay negatives of everything: those
+are the contrasts the dictionary is there to add.
 
 Each loss returns `(loss, metrics)`; metrics are scalars: accuracy (top-1 candidate is equivalent to the
 positive), mean logit of the true pair, mean logit of the non-equivalent candidates, and the temperature.
