@@ -257,19 +257,26 @@ def load_params(
     return restored[subtree] if subtree else restored
 
 
+def checkpoint_step(workdir: os.PathLike | str, step: int | None = None) -> int:
+    """The step `load_params(workdir, step=step)` reads: `step` if it is complete, else the latest complete
+    one. Reads the directory only (no Orbax manager): cheap, and safe beside a running training."""
+    root = epath.Path(os.fspath(workdir)) / "checkpoints"
+    if not root.is_dir():
+        raise InputNotFoundError(root, "no checkpoints here: is this a `ctglip train` workdir?")
+    steps = sorted(int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / _METADATA_FILE).exists())
+    if not steps:
+        raise InputNotFoundError(root, "no complete checkpoint step")
+    if step is None:
+        return steps[-1]
+    if int(step) not in steps:
+        raise InputNotFoundError(root, f"no checkpoint for step {step} (have {steps})")
+    return int(step)
+
+
 def _locate_params(source: epath.Path, step: int | None) -> tuple[epath.Path, str | None]:
     """(Orbax item directory, subtree name or None) for an export, a step dir or a workdir."""
     if (source / "checkpoints").is_dir():
-        root = source / "checkpoints"
-        steps = sorted(
-            int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / _METADATA_FILE).exists()
-        )
-        if not steps:
-            raise InputNotFoundError(root, "no complete checkpoint step")
-        chosen = steps[-1] if step is None else int(step)
-        if chosen not in steps:
-            raise InputNotFoundError(root, f"no checkpoint for step {step} (have {steps})")
-        return root / str(chosen) / _STATE, "params"
+        return source / "checkpoints" / str(checkpoint_step(source, step)) / _STATE, "params"
     if (source / _STATE / "_METADATA").exists():
         return source / _STATE, "params"
     if (source / "_METADATA").exists():

@@ -77,11 +77,29 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
         )
     )
     c.text = mlc.ConfigDict(
-        dict(model_dir="", pooling="mean", max_length=64, batch_size=16, prompt="A CT image of the {organ}.")
+        dict(
+            model_dir="",
+            pooling="mean",
+            max_length=32 if runlocal else 64,
+            batch_size=16,
+            prompt="A CT image of the {organ}.",
+            # Joint training (joint_text.py): the top k BERT layers train, the rest stay frozen on the host.
+            trainable_layers=2,
+            rows_per_example=8 if runlocal else 16,  # packed rows of max_length tokens in the text table
+            max_report_sentences=32,  # sentences of a report averaged for the global (CLIP) term
+            cache_mb=1024,  # host cache of the frozen layers' states; least recently used evicted first
+        )
     )
 
     c.loss = mlc.ConfigDict(
-        dict(kind="softmax", organ_text=1.0, abnormality=1.0, global_clip=0.0, use_dictionary=True)
+        dict(
+            kind="softmax",
+            organ_text=1.0,
+            abnormality=1.0,
+            global_clip=0.0,
+            use_dictionary=True,
+            dictionary_sample=32 if runlocal else 128,  # dictionary entries per step when the text trains
+        )
     )
     if loss == "clip":
         c.loss.update(organ_text=0.0, abnormality=0.0, global_clip=1.0, use_dictionary=False)
@@ -96,6 +114,7 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             tower_lr_mult={},
             frozen=[],
             grad_accum_steps=1,
+            text_lr_mult=0.1,  # the pretrained text layers move slower than the new image tower
         )
     )
     c.optim.total_steps = c.get_ref("total_steps")

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax.checkpoint import checkpoint_step  # noqa: F401  (the step `pretrained.load` reads)
 from ctglip_jax.errors import ConfigError, InputNotFoundError
 
 EVALUATORS = ("organ", "abnormality", "retrieval")
 EVAL_FILE = "eval.json"
-CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # what marks a complete Orbax step (checkpoint.py)
 EXAMPLE_KEYS = ("image", "label_map", "tumor_mask", "finding_labels", "case_id")
 
 
@@ -42,23 +42,6 @@ def progress_message(message: str) -> None:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-
-
-def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
-    """The step `pretrained.load(workdir, step)` reads: `step` if complete, else the latest complete one."""
-    root = Path(workdir) / "checkpoints"
-    if not root.is_dir():
-        raise InputNotFoundError(root, "no checkpoints here: is this a `ctglip train` workdir?")
-    steps = sorted(
-        int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / CHECKPOINT_METADATA).exists()
-    )
-    if not steps:
-        raise InputNotFoundError(root, "no complete checkpoint step")
-    if step is None:
-        return steps[-1]
-    if int(step) not in steps:
-        raise InputNotFoundError(root, f"no checkpoint for step {step} (have {steps})")
-    return int(step)
 
 
 def parse_evaluators(names: str | Sequence[str]) -> tuple[str, ...]:

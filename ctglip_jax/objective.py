@@ -20,20 +20,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctglip_jax import losses
+from ctglip_jax import joint_text, losses
 from ctglip_jax.models.grounding import global_mean_pool
 from ctglip_jax.models.two_tower import TwoTower, two_tower
 from ctglip_jax.text_features import TextBank
 
-DEVICE_BATCH_KEYS = (
-    "image",
-    "label_map",
-    "slot_organ",
-    "slot_valid",
-    "slot_abnormal",
-    "slot_text_feat",
-    "slot_text_key",
-)
+IMAGE_BATCH_KEYS = ("image", "label_map", "slot_organ", "slot_valid", "slot_abnormal")
+# With the frozen text tower; joint text training reads `joint_text.device_keys(config)` instead.
+DEVICE_BATCH_KEYS = IMAGE_BATCH_KEYS + ("slot_text_feat", "slot_text_key")
 LOSS_TERMS = ("organ_text", "abnormality", "global_clip")
 
 
@@ -59,7 +53,8 @@ def make_text_bank(
 
 
 def make_model(config: ml_collections.ConfigDict) -> TwoTower:
-    """Two-tower model whose text side is only the projection (the text tower runs on the host).
+    """Two-tower model. Text side: only the projection when the text tower is frozen (it runs on the host);
+    with `config.text.trainable_layers = k > 0` also the top k BERT layers (`text_tower/bert/layer_*`).
 
     A ViT's position-embedding grid is sized to the training crop unless the config says otherwise.
     """
@@ -67,25 +62,70 @@ def make_model(config: ml_collections.ConfigDict) -> TwoTower:
     image_kw = dict(spec.get("image_tower_kw", {}))
     if spec["image_tower"].startswith("vit3d"):
         image_kw.setdefault("image_size", tuple(config.data.crop_shape))
-    return two_tower({**spec, "image_tower_kw": image_kw}, text_tower="none")
+    spec = {**spec, "image_tower_kw": image_kw}
+    k = joint_text.trainable_layers(config)
+    if k == 0:
+        return two_tower(spec, text_tower="none")
+    start = joint_text.bert_config(config).num_hidden_layers - k
+    text_kw = {"model_dir": config.text.model_dir or None, "pooling": config.text.pooling,
+               "start_layer": start}
+    return two_tower(spec, text_tower="hf_bert", text_tower_kw=text_kw)
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.optim`, plus for a trainable text tower its learning-rate multiplier and its attention key
+    biases frozen: softmax is invariant to them (their gradient is exactly 0 in exact arithmetic), so Adam
+    would only turn rounding noise into updates of lr size, different on every mesh."""
+    optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+    k = joint_text.trainable_layers(config)
+    if k:
+        mults = dict(optim_config.get("tower_lr_mult", {}) or {})
+        mults.setdefault("text_tower", float(config.optim.get("text_lr_mult", 0.1)))
+        bert = joint_text.bert_config(config)
+        frozen = list(optim_config.get("frozen", []) or []) + [
+            f"text_tower/bert/{name}/attention/key/bias" for name in joint_text.top_names(bert, k)
+            if name != "embeddings"
+        ]
+        with optim_config.ignore_type():
+            optim_config.tower_lr_mult = mults
+            optim_config.frozen = frozen
+    return optim_config
+
+
+def make_joint_text(config: ml_collections.ConfigDict, **kw) -> joint_text.JointText:
+    """The host side of joint text training, with the abnormality dictionary the config asks for."""
+    from ctglip_jax.data.findings import abnormality_dictionary
+
+    dictionary = abnormality_dictionary() if config.loss.use_dictionary else None
+    return joint_text.make_joint_text(config, dictionary=dictionary, **kw)
 
 
 def init_inputs(sample: dict[str, np.ndarray], text_dim: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Abstract inputs shaped like one local batch (for eval_shape / init)."""
+    """Abstract inputs shaped like one local batch (for eval_shape / init); with a text table in `sample`,
+    one row of it (the trainable text layers' input)."""
     sds = jax.ShapeDtypeStruct
     b, k = sample["slot_organ"].shape
-    return {
+    out = {
         "image": sds(sample["image"].shape, jnp.float32),
         "label_map": sds(sample["label_map"].shape, sample["label_map"].dtype),
         "slot_organ": sds((b, k), jnp.int32),
         "slot_valid": sds((b, k), jnp.bool_),
-        "text_feat": sds((b, k, text_dim), jnp.float32),
     }
+    if "text_inputs" in sample:
+        row = sample["text_inputs"].shape[2:]
+        out["text_inputs"] = sds((1, *row), sample["text_inputs"].dtype)
+        out["text_segments"] = sds((1, row[0]), jnp.int32)
+    else:
+        out["text_feat"] = sds((b, k, text_dim), jnp.float32)
+    return out
 
 
-def _init_forward(module: TwoTower, image, label_map, slot_organ, slot_valid, text_feat):
+def _init_forward(module: TwoTower, image, label_map, slot_organ, slot_valid, text_feat=None,
+                  text_inputs=None, text_segments=None):
     features = module.dense_features(image)
     organ_emb, _ = module.pool_organs(features, label_map, slot_organ, slot_valid)
+    if text_inputs is not None:
+        text_feat = _packed_text(module, text_inputs, text_segments, jnp.zeros_like(text_segments))
     return organ_emb, module.project_text(text_feat), module.log_logit_scale, module.logit_bias
 
 
@@ -93,6 +133,43 @@ def init_params(model: TwoTower, rng: jax.Array, inputs: dict[str, Any]) -> Any:
     """Fresh parameters; works under `jax.eval_shape` (inputs may be ShapeDtypeStructs)."""
     zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in inputs.items()}
     return model.init(rng, **zeros, method=_init_forward)["params"]
+
+
+def _packed_text(module: TwoTower, inputs, segments, positions) -> jax.Array:
+    """Packed rows `(..., L[, H])` through the trainable text layers -> one pooled vector per segment slot
+    `(rows x segments, H)`, the table the index arrays of joint_text.py point into."""
+    length = segments.shape[-1]
+    rows = int(np.prod(segments.shape[:-1]))
+    pooled = module.text_tower(
+        inputs.reshape(rows, length, *inputs.shape[segments.ndim :]),
+        None,
+        segment_ids=segments.reshape(rows, length),
+        position_ids=positions.reshape(rows, length),
+        num_segments=joint_text.segments_per_row(length),
+    )
+    return pooled.reshape(-1, pooled.shape[-1])
+
+
+def _joint_text_embeddings(module: TwoTower, batch: dict, consts: dict) -> dict[str, jax.Array]:
+    """Every text of the step through the trainable top layers (joint_text.py): the batch's packed table,
+    gathered per slot, dictionary entry and report, and the constant organ-prompt table."""
+    pooled = _packed_text(module, batch["text_inputs"], batch["text_segments"], batch["text_positions"])
+    table = module.project_text(pooled)
+    prompts = _packed_text(
+        module, consts["prompt_inputs"], consts["prompt_segments"], consts["prompt_positions"]
+    )
+    out = {
+        "text_emb": table[batch["slot_text_index"]],
+        "prompt_emb": module.project_text(prompts[consts["prompt_index"]]),
+        "dict_emb": table[batch["dict_index"].reshape(-1)],
+        "text_dropped": jnp.sum(batch["text_dropped"]),
+    }
+    out.update({k: batch[k].reshape(-1) for k in ("dict_valid", "dict_key", "dict_normal", "dict_organ")})
+    if "report_index" in batch:  # a report is the mean of its sentences' pooled features (as when frozen)
+        weights = batch["report_mask"].astype(jnp.float32)[..., None]
+        total = jnp.sum(pooled[batch["report_index"]].astype(jnp.float32) * weights, axis=1)
+        out["report_emb"] = module.project_text(total / jnp.maximum(jnp.sum(weights, axis=1), 1.0))
+    return out
 
 
 def forward(module: TwoTower, batch: dict, consts: dict) -> dict[str, jax.Array]:
@@ -105,12 +182,18 @@ def forward(module: TwoTower, batch: dict, consts: dict) -> dict[str, jax.Array]
         "organ_emb": organ_emb,
         "organ_valid": valid,
         "image_emb": module.project_image(global_mean_pool(features)),
-        "text_emb": module.project_text(batch["slot_text_feat"]),
-        "prompt_emb": module.project_text(consts["prompt_feat"]),
-        "dict_emb": module.project_text(consts["dict_feat"]),
         "log_scale": module.log_logit_scale,
         "logit_bias": module.logit_bias,
     }
+    if "text_inputs" in batch:
+        out.update(_joint_text_embeddings(module, batch, consts))
+        return out
+    out.update(
+        text_emb=module.project_text(batch["slot_text_feat"]),
+        prompt_emb=module.project_text(consts["prompt_feat"]),
+        dict_emb=module.project_text(consts["dict_feat"]),
+        **{k: consts[k] for k in ("dict_valid", "dict_key", "dict_normal", "dict_organ")},
+    )
     if "report_feat" in batch:
         out["report_emb"] = module.project_text(batch["report_feat"])
     return out
@@ -149,10 +232,10 @@ def loss_terms(
             flags == 0,
             organ_ids,
             out["dict_emb"],
-            consts["dict_valid"],
-            consts["dict_key"],
-            consts["dict_normal"],
-            consts["dict_organ"],
+            out["dict_valid"],
+            out["dict_key"],
+            out["dict_normal"],
+            out["dict_organ"],
             scale,
         )
         terms["abnormality"] = (
@@ -173,6 +256,9 @@ def make_loss_fn(model: TwoTower, config: ml_collections.ConfigDict):
         del rng  # the towers have no dropout; kept in the signature for ones that will
         out = model.apply({"params": params}, batch, consts, method=forward)
         terms, weights = loss_terms(out, batch, consts, config)
-        return losses.total_loss(terms, weights)
+        loss, metrics = losses.total_loss(terms, weights)
+        if "text_dropped" in out:  # texts that did not fit the step's text table (joint_text.TextTable)
+            metrics["text_dropped"] = out["text_dropped"].astype(jnp.float32)
+        return loss, metrics
 
     return loss_fn

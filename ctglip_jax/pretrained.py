@@ -1,4 +1,4 @@
-"""A trained model back from its workdir: config, two-tower model, params and the frozen text tower.
+"""A trained model back from its workdir: config, two-tower model, params and its text tower.
 
 `ctglip train` writes `<workdir>/config.json` and Orbax checkpoints; evaluation, fine-tuning and zero-shot
 inference all start here, so they rebuild exactly the model that was trained (same towers, same crop, same
@@ -52,12 +52,35 @@ class Pretrained:
         return self.params["image_tower"]
 
 
+def text_embedder(config: ml_collections.ConfigDict, params: Any, source: Any = "<workdir>"):
+    """The workdir's text tower as a host `TextEmbedder`: the pretrained BERT of `config.text.model_dir`,
+    with the top layers a joint-training run trained (`config.text.trainable_layers > 0`) taken from its
+    params. Raises ConfigError when the params' text tower does not match the config."""
+    from ctglip_jax import joint_text
+    from ctglip_jax.models.text import TextEmbedder
+
+    loaded = None
+    if joint_text.trainable_layers(config):
+        bert, _, tokenizer = joint_text.load_bert(config.text.model_dir or None)
+        loaded = (bert, joint_text.trained_text_params(config, params, source), tokenizer)
+    return TextEmbedder(
+        config.text.model_dir or None,
+        pooling=config.text.pooling,
+        max_length=int(config.text.max_length),
+        batch_size=int(config.text.batch_size),
+        loaded=loaded,
+    )
+
+
 def load(workdir: str | Path, step: int | None = None, embedder=None) -> Pretrained:
-    """Rebuild the model of a training workdir and load its params (latest step unless `step`)."""
+    """Rebuild the model of a training workdir and load its params (latest step unless `step`); the text
+    tower is the trained one when the run trained it."""
     from ctglip_jax import checkpoint, objective
 
     config = load_config(workdir)
     model = objective.make_model(config)
     params = checkpoint.load_params(workdir, step=step)
+    if embedder is None:
+        embedder = text_embedder(config, params, workdir)
     bank = objective.make_text_bank(config, embedder=embedder, with_dictionary=False)
     return Pretrained(config=config, model=model, params=params, bank=bank, workdir=Path(workdir))

@@ -56,6 +56,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0]))
 
 
+def process_example_offset(sharding: NamedSharding, global_batch: int) -> int:
+    """Global index of this process's first batch row, checking that its rows are one contiguous block.
+
+    `make_array_from_process_local_data` places a process's local rows on the rows its devices own; index
+    arrays into a per-batch table (joint text training) need that block's start to be global indices.
+    """
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+        rows.update(range(*index[0].indices(global_batch)))
+    first = min(rows)
+    if sorted(rows) != list(range(first, first + global_batch // jax.process_count())):
+        raise ConfigError("config.mesh", "this process's batch rows are not one contiguous block; build "
+                                         "the mesh from jax.devices() in order")
+    return first
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

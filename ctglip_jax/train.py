@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ import numpy as np
 import optax
 
 from ctglip_jax import checkpoint as ckpt_lib
-from ctglip_jax import config_lib, objective, optim, sharding
+from ctglip_jax import config_lib, joint_text, objective, optim, sharding
 from ctglip_jax.errors import CTGlipInputError
 
 log = logging.getLogger(__name__)
@@ -69,22 +70,55 @@ def _host_batch_to_device(batch: dict, bank, sharding_: jax.sharding.Sharding, w
     return {k: jax.make_array_from_process_local_data(sharding_, np.asarray(keep[k])) for k in wanted}
 
 
+@dataclasses.dataclass
+class TextSide:
+    """How text reaches the step. Frozen tower (`trainable_layers` 0): pooled features computed on the host
+    per batch (`TextBank`). Joint training: the input pipeline adds a text table (joint_text.py) and the
+    step runs the trainable top layers; the host computes only the frozen bottom, cached."""
+
+    consts: dict[str, np.ndarray]  # step constants (placed replicated once)
+    pipeline_kw: dict[str, Any]  # extra InputPipeline arguments
+    to_device: Any  # host batch -> global arrays the step reads
+    init_text: dict | None = None  # pretrained top-layer params the train state starts from
+
+
+def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding) -> TextSide:
+    if not joint_text.trainable_layers(config):
+        bank = objective.make_text_bank(config)
+        with_report = float(config.loss.get("global_clip", 0.0)) > 0
+        return TextSide(bank.constants(), {},
+                        lambda b: _host_batch_to_device(b, bank, batch_sharding, with_report))
+    global_batch = int(config.data.batch_size)
+    joint = objective.make_joint_text(
+        config,
+        local_batch=global_batch // jax.process_count(),
+        process_count=jax.process_count(),
+        example_offset=sharding.process_example_offset(batch_sharding, global_batch),
+    )
+    keys = objective.IMAGE_BATCH_KEYS + joint_text.device_keys(config)
+
+    def to_device(batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(batch[k])) for k in keys}
+
+    return TextSide(joint.consts, {"text_stages": (joint.sampler, joint.table)}, to_device, joint.initial_top)
+
+
 class ValidationLoss:
     """The objective on a fixed set of validation batches (centre crops, no augmentation): a held-out curve.
 
     The batches are read and placed once; the jitted loss compiles once. Metrics come back prefixed `val/`.
     """
 
-    def __init__(self, config, data_cfg, bank, loss_fn, batch_sharding, with_report: bool):
+    def __init__(self, config, data_cfg, text: TextSide, loss_fn):
         from ctglip_jax.data.pipeline import InputPipeline
 
         eval_cfg = dataclasses.replace(
             data_cfg, split=config.eval.split, shuffle=False, random_augment=False, num_epochs=1
         )
         self.batches = []
-        with InputPipeline(eval_cfg) as pipeline:
+        with InputPipeline(eval_cfg, **text.pipeline_kw) as pipeline:
             for host_batch in pipeline:
-                self.batches.append(_host_batch_to_device(host_batch, bank, batch_sharding, with_report))
+                self.batches.append(text.to_device(host_batch))
                 if len(self.batches) == int(config.eval.num_batches):
                     break
         self._loss = jax.jit(lambda params, batch, consts: loss_fn(params, batch, consts, None)[1])
@@ -125,6 +159,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
     from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
 
+    joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
+    check_workdir_matches(config, workdir)
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -136,19 +172,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     replicated = sharding.replicated(mesh)
     check_batch_divides(int(config.data.batch_size), mesh)
 
+    # ---- text: frozen tower on the host, or the trainable top layers' text table from the pipeline
+    text = make_text_side(config, mesh, batch_sharding)
+    consts = jax.device_put(text.consts, replicated)
+
     # ---- data
     data_cfg = PipelineConfig.from_mapping({**config.data.to_dict(), "build_if_missing": True})
-    pipeline = InputPipeline(data_cfg)  # host numpy; text features are added before placement
-
-    # ---- text bank (frozen text tower on the host)
-    bank = objective.make_text_bank(config)
-    consts = jax.device_put(bank.constants(), replicated)
-    with_report = float(config.loss.get("global_clip", 0.0)) > 0
+    pipeline = InputPipeline(data_cfg, **text.pipeline_kw)  # host numpy, placed by text.to_device
 
     # ---- model, abstract state, shardings, jitted init and step
-    with InputPipeline(data_cfg) as peek:  # one batch, for the shapes init needs
+    with InputPipeline(data_cfg, **text.pipeline_kw) as peek:  # one batch, for the shapes init needs
         sample = {k: v for k, v in next(peek).items() if not _is_host_only(v)}
-    fns = make_step_functions(config, mesh, objective.init_inputs(sample, bank.prompt_feat.shape[-1]))
+    text_dim = joint_text.bert_config(config).hidden_size
+    fns = make_step_functions(config, mesh, objective.init_inputs(sample, text_dim), text.init_text)
     rng = jax.random.PRNGKey(int(config.seed))
 
     # ---- checkpoints: restore or init
@@ -170,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
 
     validation = None
     if int(config.eval.every) > 0 and int(config.eval.num_batches) > 0:
-        validation = ValidationLoss(config, data_cfg, bank, fns.loss_fn, batch_sharding, with_report)
+        validation = ValidationLoss(config, data_cfg, text, fns.loss_fn)
     step_fn = fns.step
 
     # ---- loop
@@ -222,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
         before = pipeline.get_state()
         host_batch = next(pipeline)
         ids = [str(c) for c in host_batch.get("case_id", [])]
-        return before, ids, _host_batch_to_device(host_batch, bank, batch_sharding, with_report)
+        return before, ids, text.to_device(host_batch)
 
     prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctglip-data")
     upcoming = prefetch.submit(prepare) if start < total_steps else None
@@ -295,16 +331,26 @@ class StepFunctions:
     model: Any
 
 
-def make_step_functions(config: ml_collections.ConfigDict, mesh, init_inputs: dict) -> StepFunctions:
-    """Model, optimizer, FSDP shardings of the abstract state, jitted init and the jitted train step."""
+def make_step_functions(
+    config: ml_collections.ConfigDict, mesh, init_inputs: dict, init_text: dict | None = None
+) -> StepFunctions:
+    """Model, optimizer, FSDP shardings of the abstract state, jitted init and the jitted train step.
+
+    With a trainable text tower the state starts from the pretrained top layers (`init_text`, default: read
+    from `config.text.model_dir`), not from a random init."""
     model = objective.make_model(config)
-    tx = optim.make_optimizer(config.optim)
+    tx = optim.make_optimizer(objective.optimizer_config(config))
     loss_fn = objective.make_loss_fn(model, config)
     nan_step = int(config.get("debug_nan_step", -1))
+    if joint_text.trainable_layers(config) and init_text is None:
+        bert, full, _ = joint_text.load_bert(config.text.model_dir or None)
+        init_text = joint_text.top_params(full, bert, joint_text.trainable_layers(config))
 
-    def init_state(rng):
+    def init_state(rng, text_params):
         init_rng, state_rng = jax.random.split(rng)
         params = objective.init_params(model, init_rng, init_inputs)
+        if text_params is not None:
+            params = {**params, "text_tower": {"bert": jax.tree.map(jnp.asarray, text_params)}}
         return optim.TrainState.create(params, tx, state_rng)
 
     def objective_fn(params, batch, consts, rng, step):
@@ -326,7 +372,7 @@ def make_step_functions(config: ml_collections.ConfigDict, mesh, init_inputs: di
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+    abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0), init_text)
     state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))
     batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     step = jax.jit(
@@ -335,8 +381,21 @@ def make_step_functions(config: ml_collections.ConfigDict, mesh, init_inputs: di
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
-    init = jax.jit(init_state, out_shardings=state_shardings)
+    jitted_init = jax.jit(init_state, out_shardings=state_shardings)
+    init = functools.partial(jitted_init, text_params=init_text)
     return StepFunctions(init, step, loss_fn, abstract, state_shardings, model)
+
+
+def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Resuming a workdir whose checkpoints hold another text tower would fail deep in Orbax: say it here."""
+    from ctglip_jax import pretrained
+
+    saved = os.path.join(workdir, pretrained.CONFIG_FILE)
+    if not (os.path.isfile(saved) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+        return
+    problem = joint_text.workdir_text_mismatch(pretrained.load_config(workdir), config)
+    if problem:
+        raise CTGlipInputError(workdir, problem)
 
 
 def optim_global_norm(tree) -> jax.Array:

@@ -2,8 +2,9 @@
 
 What it times is the step the loop really runs: `objective.make_model` + `objective.make_loss_fn` +
 `optim.make_optimizer`, value_and_grad, optimizer update, jitted with the train state donated, on a batch
-with the pipeline's shapes and dtypes and the real abnormality dictionary's size (random text features: the
-text tower is frozen on the host and is not part of the device step). Per case it reports step time
+with the pipeline's shapes and dtypes and the real abnormality dictionary's size (frozen text tower: random
+text features, the tower runs on the host and is not part of the step; trained top layers: the packed text
+table of real phrasings, built by the pipeline's own code, `bench_inputs.py`). Per case it reports step time
 (median of repeats, with min/max), examples/s, analytic training FLOPs (`models.flops.train_flops`, 3 x
 forward, matmuls and convolutions only), achieved FLOP/s and MFU against a square-matmul peak measured in
 the same process (fp32 and bf16), and memory (device allocator peak on GPU, process RSS on CPU, plus XLA's
@@ -13,6 +14,8 @@ Suites:
     reference  the reference CPU config (ViT width 384 x 6 blocks, 96^3 crop, patch 16, batch 8), fp32, and
                its bf16 / remat / grad-accumulation variants
     sweep      ViT and CNN over volume sizes and batch sizes (cost versus tokens / voxels), + a PNG plot
+    text       joint text training's cost: reference and runlocal ViT steps with 0 / 2 / 6 MiniLM layers
+               training in the step (the text table built by the real pipeline code from phantom phrasings)
     pooling    organ mask pooling alone at the reference shapes
     pipeline   input-pipeline throughput and the fraction of step time spent waiting for data in a
                training loop fed by the real pipeline (tiny synthetic dataset, built on first use)
@@ -35,6 +38,9 @@ import time
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_inputs import synthetic_inputs  # noqa: E402  (a sibling script module)
 
 # ----------------------------------------------------------------------------------------------- cases
 
@@ -62,7 +68,10 @@ class Case:
 
 def vit_case(name: str, crop=(96, 96, 96), batch: int = 8, width: int = 384, depth: int = 6, heads: int = 6,
              mlp: int = 1536, patch=(16, 16, 16), group: str = "reference", **extra: Any) -> Case:
+    """A ViT step; the text tower is frozen (`text_layers=0`, the figures before joint training) unless
+    `text_layers=k` trains its top k layers in the step."""
     kw = {
+        "text.trainable_layers": extra.pop("text_layers", 0),
         "model.image_tower": "vit3d_S",
         "model.image_tower_kw": dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
                                      patch_size=tuple(patch), **extra.pop("tower_kw", {})),
@@ -77,6 +86,7 @@ def vit_case(name: str, crop=(96, 96, 96), batch: int = 8, width: int = 384, dep
 def cnn_case(name: str, crop=(64, 64, 64), batch: int = 2, size: str = "tiny", group: str = "sweep",
              **extra: Any) -> Case:
     kw = {
+        "text.trainable_layers": extra.pop("text_layers", 0),
         "model.image_tower": f"unet3d_{size}",
         "model.image_tower_kw": extra.pop("tower_kw", {}),
         "data.crop_shape": repr(tuple(crop)),
@@ -99,6 +109,20 @@ def reference_cases() -> list[Case]:
         vit_case("vit_ref_remat", tower_kw={"remat": True}),
         vit_case("vit_ref_accum2", **{"optim.grad_accum_steps": 2}),  # same global batch, 2 micro-steps
     ]
+
+
+RUNLOCAL_VIT = dict(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=(4, 4, 4), dtype="float32",
+                    remat=False)
+
+
+def text_cases() -> list[Case]:
+    """Joint text training's cost: the reference ViT step and the runlocal one with the MiniLM text tower
+    frozen (0), its top 2 layers trained (the default), and all 6 + embeddings trained."""
+    cases = [vit_case(f"vit_ref_fp32_text{k}", text_layers=k, group="text") for k in (0, 2, 6)]
+    cases += [Case(f"vit_runlocal_text{k}", "configs/ctglip_vit.py:runlocal",
+                   {"text.trainable_layers": k, "model.image_tower_kw": RUNLOCAL_VIT}, "text")
+              for k in (0, 2, 6)]
+    return cases
 
 
 def sweep_cases() -> list[Case]:
@@ -124,47 +148,6 @@ def gpu_cases() -> list[Case]:
 
 
 # ------------------------------------------------------------------------------------- the real step
-
-
-def synthetic_inputs(config, text_dim: int = 384, seed: int = 0) -> tuple[dict, dict]:
-    """A device batch and the step constants with the pipeline's shapes/dtypes (random values).
-
-    The abnormality dictionary is the real one (its size and keys set the loss's cost); text features are
-    random unit vectors, which costs the device step exactly what MiniLM's would.
-    """
-    from ctglip_jax.data.findings import abnormality_dictionary
-    from ctglip_jax.data.organs import NUM_CLASSES
-    from ctglip_jax.text_features import dictionary_entries
-
-    rng = np.random.default_rng(seed)
-    b, k = int(config.data.batch_size), int(config.data.num_slots)
-    crop = tuple(int(s) for s in config.data.crop_shape)
-
-    def unit(*shape):
-        x = rng.standard_normal((*shape, text_dim)).astype(np.float32)
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-    organs = np.stack([rng.permutation(np.arange(1, NUM_CLASSES + 1))[:k] for _ in range(b)]).astype(np.int32)
-    batch = {
-        "image": rng.random((b, *crop), dtype=np.float32),
-        "label_map": rng.integers(0, NUM_CLASSES + 1, (b, *crop), dtype=np.uint8),
-        "slot_organ": organs,
-        "slot_valid": np.ones((b, k), bool),
-        "slot_abnormal": rng.integers(-1, 2, (b, k)).astype(np.int8),
-        "slot_text_feat": unit(b, k),
-        "slot_text_key": rng.integers(0, 2**30, (b, k)).astype(np.int32),
-    }
-    d = dictionary_entries(abnormality_dictionary()) if config.loss.use_dictionary else None
-    n = len(d["text"]) if d else 1
-    consts = {
-        "prompt_feat": unit(NUM_CLASSES),
-        "dict_feat": unit(n),
-        "dict_valid": np.ones(n, bool) if d else np.zeros(1, bool),
-        "dict_key": np.asarray(d["key"], np.int32) if d else np.zeros(1, np.int32),
-        "dict_normal": np.asarray(d["normal"], bool) if d else np.zeros(1, bool),
-        "dict_organ": np.asarray(d["organ"], np.int32) if d else np.zeros(1, np.int32),
-    }
-    return batch, consts
 
 
 def make_train_step(config, mesh, sample_batch: dict, text_dim: int):
@@ -202,7 +185,7 @@ def bench_case(case: Case, repeats: int, probes: dict, devices=None) -> dict[str
     devices = devices or jax.devices()[:1]
     mesh = sharding.make_mesh({"data": len(devices), "fsdp": 1}, devices)
     batch, consts = synthetic_inputs(config)
-    text_dim = consts["prompt_feat"].shape[-1]
+    text_dim = 384
     step, init, abstract, model, (bsh, rep) = make_train_step(config, mesh, batch, text_dim)
     accum = int(config.optim.get("grad_accum_steps", 1))
     micro = int(config.data.batch_size) // accum
@@ -334,7 +317,7 @@ def pipeline_suite(steps: int, data_dir: str | None) -> dict[str, Any]:
     from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig
 
     flags = ["--config.data.crop_shape=(64,64,64)", "--config.data.batch_size=4",
-             "--config.data.num_slots=24"]
+             "--config.data.num_slots=24", "--config.text.trainable_layers=0"]
     if data_dir:
         flags.append(f"--config.data.data_dir={data_dir}")
     config = config_lib.load_config("configs/ctglip_vit.py:runlocal", flags)
@@ -458,8 +441,8 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=("reference", "sweep", "pipeline", "pooling", "gpu", "all"),
-                        default="reference")
+    suites = ("reference", "sweep", "text", "pipeline", "pooling", "gpu", "all")
+    parser.add_argument("--suite", choices=suites, default="reference")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--rounds", type=int, default=1, help="peak+cases interleaved this many times")
     parser.add_argument("--cases", default="", help="comma-separated case names to keep (default all)")
@@ -475,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         cases += reference_cases()
     if args.suite in ("sweep", "all"):
         cases += sweep_cases()
+    if args.suite in ("text", "all"):
+        cases += text_cases()
     if args.suite == "gpu":
         cases += gpu_cases()
     if args.cases:

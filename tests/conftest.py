@@ -57,4 +57,6 @@ def make_tiny_hf_bert(folder, hidden: int = 16, layers: int = 1, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory):
-    return make_tiny_hf_bert(tmp_path_factory.mktemp("tiny_bert"))
+    """Three layers: the configs' default `text.trainable_layers=2` then trains the top two and keeps the
+    bottom one frozen on the host, the general case of joint text training."""
+    return make_tiny_hf_bert(tmp_path_factory.mktemp("tiny_bert"), layers=3)

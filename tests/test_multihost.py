@@ -114,14 +114,31 @@ def run_two_processes(tmp_path, overrides: list[str]) -> list[subprocess.Complet
 
 
 class ShardPairPipeline:
-    """Both process shards of the input pipeline in one process, concatenated into the global batch."""
+    """Both process shards of the input pipeline in one process, concatenated into the global batch.
 
-    def __init__(self, cfg, **kw):
+    With joint text training each shard gets the text stages its process would build (its half of the
+    batch, its half of the dictionary sample, its global row offset), so the global text table is the same.
+    """
+
+    config = None  # the run's config; set by the test
+
+    def __init__(self, cfg, text_stages=None, **kw):
         import grain
 
+        from ctglip_jax import objective
+
         self.cfg = cfg
-        shards = [grain.sharding.ShardOptions(i, 2, drop_remainder=True) for i in range(2)]
-        self.parts = [_InputPipeline(cfg, shard_options=shard, **kw) for shard in shards]
+        local = cfg.batch_size // 2
+        self.parts = []
+        for i in range(2):
+            stages = None
+            if text_stages is not None:
+                joint = objective.make_joint_text(
+                    self.config, local_batch=local, process_count=2, example_offset=i * local
+                )
+                stages = (joint.sampler, joint.table)
+            shard = grain.sharding.ShardOptions(i, 2, drop_remainder=True)
+            self.parts.append(_InputPipeline(cfg, shard_options=shard, text_stages=stages, **kw))
 
     def __iter__(self):
         return self
@@ -158,8 +175,10 @@ def test_two_processes_match_one_process_two_devices(
 
     from ctglip_jax.data import pipeline
 
-    monkeypatch.setattr(pipeline, "InputPipeline", ShardPairPipeline)
     config = config_lib.load_config("configs/ctglip_vit.py:runlocal", overrides)
+    assert config.text.trainable_layers == 2  # the top two of the tiny BERT's three layers train
+    monkeypatch.setattr(pipeline, "InputPipeline", ShardPairPipeline)
+    monkeypatch.setattr(ShardPairPipeline, "config", config)
     ref = train.train(config, str(tmp_path / "single"), devices=jax.devices()[:2])
     ref_losses = [h["loss"] for h in ref.history if "loss" in h]
 

@@ -174,11 +174,15 @@ def make_dataset(
     tokenize: Tokenize | None = None,
     tokenize_report: Tokenize | None = None,
     shard_options=None,
+    text_stages: tuple[Any, Any] | None = None,
 ):
     """The grain IterDataset of this process's local batches (numpy dicts).
 
     `source`: any random-access sequence of records (default: the TFDS data source named by `cfg`).
     `shard_options`: a grain ShardOptions (default `ShardByJaxProcess(drop_remainder=True)`).
+    `text_stages`: `(sampler, table)` of joint text training (joint_text.py): the sampler is a seeded
+    per-batch `random_map` (it may run in worker processes), the table a `map` in this process (it runs the
+    frozen text layers, which must not run in forked workers). Either may be None.
     """
     import grain
 
@@ -208,11 +212,16 @@ def make_dataset(
     transform = RecordTransform(cfg, tokenize, tokenize_report)
     ds = ds.random_map(transform, seed=_derived_seed(cfg.seed, 1, index))
     ds = ds.batch(batch, drop_remainder=True, batch_fn=stack_examples)
+    sampler, table = text_stages or (None, None)
+    if sampler is not None:
+        ds = ds.random_map(sampler, seed=_derived_seed(cfg.seed, 2, index))
     ids = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches)
     )
     if cfg.worker_count > 0:
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    if table is not None:
+        ids = ids.map(table)
     return ids
 
 
@@ -255,10 +264,12 @@ class InputPipeline:
         tokenize: Tokenize | None = None,
         tokenize_report: Tokenize | None = None,
         shard_options=None,
+        text_stages: tuple[Any, Any] | None = None,
     ):
         self.cfg = cfg
         self._dataset = make_dataset(
-            cfg, source, tokenize=tokenize, tokenize_report=tokenize_report, shard_options=shard_options
+            cfg, source, tokenize=tokenize, tokenize_report=tokenize_report, shard_options=shard_options,
+            text_stages=text_stages,
         )
         self._iterator = iter(self._dataset)
         self._sharding = None

@@ -143,12 +143,12 @@ class BertEmbeddings(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, *, deterministic: bool, position_ids=None):
         cfg = self.config
         embed = lambda n, name: nn.Embed(
             n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), name=name
         )
-        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        positions = jnp.arange(input_ids.shape[-1])[None, :] if position_ids is None else position_ids
         x = (
             embed(cfg.vocab_size, "word_embeddings")(input_ids)
             + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
@@ -175,7 +175,9 @@ class BertSelfAttention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / jnp.sqrt(cfg.head_dim).astype(
             jnp.float32
         )
-        keep = attention_mask[:, None, None, :].astype(bool)
+        # (B, L) key mask, or (B, L, L) query-key mask (packed sequences: each text attends to itself only)
+        keep = attention_mask[:, None, None, :] if attention_mask.ndim == 2 else attention_mask[:, None]
+        keep = keep.astype(bool)
         logits = jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
@@ -209,25 +211,45 @@ class BertEncoder(nn.Module):
     Parameter tree: `embeddings/{word,position,token_type}_embeddings/embedding`, `embeddings/layer_norm`,
     `layer_{i}/attention/{query,key,value,output}`, `layer_{i}/attention_layer_norm`,
     `layer_{i}/{intermediate,output}`, `layer_{i}/output_layer_norm` (Dense kernels are `(in, out)`).
+
+    A slice of the stack: `start_layer`/`stop_layer` run layers `start..stop-1` only, under the same names,
+    so the slices' param trees are sub-trees of the full one. With `start_layer == 0` the input is token
+    ids and the embeddings run first; otherwise the input is the hidden states `(B, L, H)` that layer
+    `start_layer - 1` produced (joint training caches the frozen bottom's states and trains the top).
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
+    start_layer: int = 0
+    stop_layer: int | None = None  # exclusive; None = all layers
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        if input_ids.shape[-1] > self.config.max_position_embeddings:
+    def __call__(
+        self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True, position_ids=None
+    ):
+        """`attention_mask` is `(B, L)` (keys to attend to) or `(B, L, L)` (per query, for packed texts);
+        `position_ids` `(B, L)` default to 0..L-1 (packed texts restart them per text)."""
+        stop = self.config.num_hidden_layers if self.stop_layer is None else self.stop_layer
+        if not 0 <= self.start_layer <= stop <= self.config.num_hidden_layers:
             raise ConfigError(
                 "BertEncoder",
-                f"sequence length {input_ids.shape[-1]} exceeds max_position_embeddings "
+                f"layer slice {self.start_layer}:{stop} is outside 0:{self.config.num_hidden_layers}",
+            )
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ConfigError(
+                "BertEncoder",
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}",
             )
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
-            input_ids, token_type_ids, deterministic=deterministic
-        )
-        for i in range(self.config.num_hidden_layers):
+        if self.start_layer == 0:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(input_ids)
+            x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+                input_ids, token_type_ids, deterministic=deterministic, position_ids=position_ids
+            )
+        else:
+            x = input_ids.astype(self.dtype)  # hidden states of layer start_layer - 1
+        for i in range(self.start_layer, stop):
             x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
                 x, attention_mask, deterministic=deterministic
             )
@@ -247,3 +269,21 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, kind: str = "mean") -> ja
     mask = attention_mask.astype(jnp.float32)[..., None]
     total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=-2)
     return (total / jnp.maximum(jnp.sum(mask, axis=-2), 1e-9)).astype(hidden.dtype)
+
+
+def pool_segments(
+    hidden: jax.Array, segment_ids: jax.Array, position_ids: jax.Array, num_segments: int, kind: str = "mean"
+) -> jax.Array:
+    """Packed rows `(B, L, H)` -> `(B, S, H)`: one pooled vector per text (segment 1..S; 0 is padding).
+
+    The same rules as `pool`: mean over the text's tokens (an empty segment gives zeros), or its first token
+    (the text's [CLS], position 0). A one-hot contraction, not a scatter: deterministic on every backend.
+    """
+    if kind not in POOLINGS:
+        raise ConfigError("pooling", f"unknown pooling {kind!r}; use one of {POOLINGS}")
+    onehot = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)  # (B, L, S)
+    if kind == "cls":
+        onehot = onehot * (position_ids == 0)[..., None].astype(jnp.float32)
+    total = jnp.einsum("bls,blh->bsh", onehot, hidden.astype(jnp.float32))
+    count = jnp.sum(onehot, axis=1)[..., None]
+    return (total / jnp.maximum(count, 1e-9)).astype(hidden.dtype)

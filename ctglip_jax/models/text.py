@@ -31,7 +31,7 @@ from ctglip_jax.errors import (
     UnreadableFileError,
     WeightFormatError,
 )
-from ctglip_jax.models.bert import POOLINGS, BertConfig, BertEncoder, pool
+from ctglip_jax.models.bert import POOLINGS, BertConfig, BertEncoder, pool, pool_segments
 
 __all__ = [
     "ENCODER_NAME",
@@ -62,18 +62,39 @@ _CONVERT_HINT = (
 
 
 class TextTower(nn.Module):
-    """BERT + pooling: `(input_ids, attention_mask) -> (B, H)`; the encoder's params sit under `bert`."""
+    """BERT + pooling: `(input_ids, attention_mask) -> (B, H)`; the encoder's params sit under `bert`.
+
+    With `start_layer = s > 0` only layers `s..L-1` are here (joint training's trainable top): the first
+    argument is then the hidden states `(B, T, H)` of layer `s - 1`, not token ids."""
 
     config: BertConfig
     pooling: str = "mean"
     dtype: Any = jnp.float32
     stop_gradient: bool = False  # cuts backprop into the encoder; see the module docstring on freezing
+    start_layer: int = 0  # > 0: the top of the stack only, fed the hidden states of layer start_layer - 1
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        hidden = BertEncoder(self.config, self.dtype, name=ENCODER_NAME)(
-            input_ids, attention_mask, token_type_ids, deterministic=deterministic
-        )
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        *,
+        deterministic: bool = True,
+        segment_ids=None,
+        position_ids=None,
+        num_segments: int = 0,
+    ):
+        """Pooled `(B, H)`; or, for packed rows (`segment_ids` `(B, L)`: several texts per row, 1..S, 0 =
+        padding; `attention_mask` ignored), `(B, num_segments, H)`: texts attend only to themselves."""
+        encoder = BertEncoder(self.config, self.dtype, start_layer=self.start_layer, name=ENCODER_NAME)
+        if segment_ids is not None:
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+            hidden = encoder(input_ids, same, token_type_ids, deterministic=deterministic,
+                             position_ids=position_ids)
+            pooled = pool_segments(hidden, segment_ids, position_ids, num_segments, self.pooling)
+            return jax.lax.stop_gradient(pooled) if self.stop_gradient else pooled
+        hidden = encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         pooled = pool(hidden, attention_mask, self.pooling)
         return jax.lax.stop_gradient(pooled) if self.stop_gradient else pooled
 
@@ -220,6 +241,34 @@ def _find_prefix(names: Sequence[str], source: pathlib.Path) -> str:
     return prefixes[0]
 
 
+def read_all_tensors(model_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of an HF folder's safetensors weights (one file or shards), by stored name; BF16 ones
+    as float32 (numpy has no bfloat16)."""
+    files = _weight_files(pathlib.Path(model_dir))
+    return _read_tensors(files, _tensor_names(files))
+
+
+def stored_names(model_dir: str | pathlib.Path, config: BertConfig) -> dict[str, str]:
+    """HF name (no prefix) -> the tensor's name in this folder's files: with its prefix ('bert.' for
+    BertForMaskedLM & co) and, for checkpoints converted from the original TF code, LayerNorm gamma/beta."""
+    model_dir = pathlib.Path(model_dir)
+    files = _weight_files(model_dir)
+    source = files if isinstance(files, pathlib.Path) else model_dir / "model.safetensors.index.json"
+    all_names = _tensor_names(files)
+    prefix = _find_prefix(all_names, source)
+    present = set(all_names)
+
+    def stored_name(hf: str) -> str:
+        name = prefix + hf
+        if name not in present and ".LayerNorm." in name:
+            legacy = name.replace(".weight", ".gamma").replace(".bias", ".beta")
+            if legacy in present:
+                return legacy
+        return name
+
+    return {hf: stored_name(hf) for hf in hf_to_flax_names(config)}
+
+
 def load_bert_params(model_dir: str | pathlib.Path, config: BertConfig) -> dict:
     """The `BertEncoder` param tree (float32 numpy arrays) from an HF folder's safetensors weights.
 
@@ -228,21 +277,9 @@ def load_bert_params(model_dir: str | pathlib.Path, config: BertConfig) -> dict:
     model_dir = pathlib.Path(model_dir)
     files = _weight_files(model_dir)
     source = files if isinstance(files, pathlib.Path) else model_dir / "model.safetensors.index.json"
-    all_names = _tensor_names(files)
-    prefix = _find_prefix(all_names, source)
-    present = set(all_names)
     mapping = hf_to_flax_names(config)
-
-    def stored_name(hf: str) -> str:
-        name = prefix + hf
-        # Checkpoints converted from the original TF code name LayerNorm params gamma/beta.
-        if name not in present and ".LayerNorm." in name:
-            legacy = name.replace(".weight", ".gamma").replace(".bias", ".beta")
-            if legacy in present:
-                return legacy
-        return name
-
-    stored = {hf: stored_name(hf) for hf in mapping}
+    present = set(_tensor_names(files))
+    stored = stored_names(model_dir, config)
     missing = sorted(stored[hf] for hf in mapping if stored[hf] not in present)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

@@ -1,0 +1,556 @@
+"""Joint text training: the top `k` BERT layers train inside the device step, the bottom `L - k` stay frozen.
+
+CT-GLIP optimises both encoders jointly (docs/RESULTS.md traced inverted zero-shot AD to a frozen text side).
+`config.text.trainable_layers = k` (0 = the frozen tower of `text_features.py`, kept as it was):
+
+    host, once per text   tokens -> frozen layers 0..L-k-1 -> hidden states (`LowerStates`, an LRU cache
+                          bounded in bytes; for k = L only token ids: the whole tower trains)
+    input pipeline        per batch, every text the loss uses (slot texts, report sentences, a dictionary
+                          sample) de-duplicated into a fixed-size *text table* (`TextTable`), padded to
+                          `config.text.max_length` tokens, plus index arrays into it (leading dim = batch,
+                          so it shards like the batch)
+    device step           table -> layers L-k..L-1 -> pooling -> text projection -> gathered per slot, per
+                          dictionary entry, per report; the 104 organ prompts go the same way from a
+                          constant prompt table (`prompt_inputs`).
+
+Fixed shapes (table rows = `batch x texts_per_example`, tokens = `max_length`) keep one compiled step and let
+every process of a multi-host run agree on shapes without talking to each other.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import pathlib
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ctglip_jax.errors import ConfigError
+from ctglip_jax.models.bert import BertConfig, BertEncoder
+from ctglip_jax.text_features import dictionary_entries, organ_prompts, text_key
+
+log = logging.getLogger(__name__)
+
+PROMPT_MIN_TOKENS = 16
+# The batch keys `TextTable` adds; objective.forward reads them (the dictionary's come with their metadata).
+TABLE_KEYS = (
+    "text_inputs",
+    "text_segments",
+    "text_positions",
+    "slot_text_index",
+    "slot_text_key",
+    "text_dropped",
+)
+DICT_KEYS = ("dict_index", "dict_valid", "dict_key", "dict_normal", "dict_organ")
+REPORT_KEYS = ("report_index", "report_mask")
+
+
+def trainable_layers(config: ml_collections.ConfigDict) -> int:
+    return int(config.text.get("trainable_layers", 0) or 0)
+
+
+@functools.lru_cache(maxsize=4)
+def load_bert(model_dir: str | None):
+    """`(BertConfig, params, tokenizer)` of an HF BERT folder (None = MiniLM), read once per process."""
+    from ctglip_jax.models.text import load_hf_bert
+
+    return load_hf_bert(model_dir or None)
+
+
+def bert_config(config: ml_collections.ConfigDict) -> BertConfig:
+    from ctglip_jax.models.text import default_model_dir
+
+    return BertConfig.from_hf_json(config.text.model_dir or default_model_dir())
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Refuses text-training settings that cannot work, naming the field and the allowed range."""
+    k = config.text.get("trainable_layers", 0)
+    layers = bert_config(config).num_hidden_layers
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= layers:
+        raise ConfigError(
+            "config.text.trainable_layers",
+            f"must be an integer in 0..{layers} (the text tower has {layers} layers), got {k!r}",
+        )
+    mult = config.optim.get("text_lr_mult", 0.1)
+    if not isinstance(mult, int | float) or not mult > 0:
+        raise ConfigError(
+            "config.optim.text_lr_mult",
+            f"must be > 0 (freeze the tower with config.text.trainable_layers=0 instead), got {mult!r}",
+        )
+    if k == 0:
+        return
+    for field, low in (("rows_per_example", 1), ("max_report_sentences", 1), ("cache_mb", 0)):
+        value = config.text.get(field)
+        if not isinstance(value, int | float) or value < low:
+            raise ConfigError(f"config.text.{field}", f"must be a number >= {low}, got {value!r}")
+    sample = config.loss.get("dictionary_sample", 0)
+    if not isinstance(sample, int) or sample < 0:
+        raise ConfigError("config.loss.dictionary_sample", f"must be an integer >= 0, got {sample!r}")
+    if not 2 <= int(config.text.max_length):
+        raise ConfigError("config.text.max_length", f"must be >= 2, got {config.text.max_length}")
+
+
+# ------------------------------------------------------------------------------------------------ params
+def top_names(bert: BertConfig, k: int) -> list[str]:
+    """Sub-trees of the BERT param tree that train: the last k layers, plus the embeddings when k = L."""
+    start = bert.num_hidden_layers - k
+    return (["embeddings"] if start == 0 else []) + [
+        f"layer_{i}" for i in range(start, bert.num_hidden_layers)
+    ]
+
+
+def top_params(full: Mapping[str, Any], bert: BertConfig, k: int) -> dict[str, Any]:
+    return {name: full[name] for name in top_names(bert, k)}
+
+
+def merge_params(full: Mapping[str, Any], trained_top: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretrained tower with its trained top sub-trees put back (what inference and the export use)."""
+    unknown = sorted(set(trained_top) - set(full))
+    if unknown:
+        raise ConfigError("text tower", f"trained sub-trees {unknown} are not in the pretrained BERT")
+    return {**full, **{k: v for k, v in trained_top.items()}}
+
+
+def trained_text_params(config: ml_collections.ConfigDict, params: Mapping[str, Any], source: Any) -> dict:
+    """Full BERT params of a trained run: pretrained bottom + the checkpoint's top; checks they match."""
+    bert, full, _ = load_bert(config.text.model_dir or None)
+    k = trainable_layers(config)
+    stored = params.get("text_tower", {}).get("bert") if k else None
+    want = top_names(bert, k)
+    have = sorted(stored) if stored is not None else []
+    if sorted(want) != have:
+        raise ConfigError(
+            source,
+            f"the checkpoint's text tower holds {have or 'nothing'}, but config.text.trainable_layers={k} "
+            f"over a {bert.num_hidden_layers}-layer BERT means {want or 'nothing'}: "
+            "the workdir does not match its config",
+        )
+    top = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(stored))
+    merged = merge_params(full, top)
+    shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+    if shapes({n: merged[n] for n in want}) != shapes({n: full[n] for n in want}):
+        raise ConfigError(
+            source, "the checkpoint's text-tower shapes differ from config.text.model_dir's BERT"
+        )
+    return merged
+
+
+# ----------------------------------------------------------------------------------------- lower states
+def token_bucket(n: int, max_length: int) -> int:
+    """Next power of two >= n within [16, max_length] (the same rule as `TextEmbedder`)."""
+    size = min(PROMPT_MIN_TOKENS, max_length)
+    while size < n:
+        size *= 2
+    return min(size, max_length)
+
+
+class LowerStates:
+    """Text -> what the trainable top consumes: the frozen bottom's hidden states `(n_tokens, H)` float32,
+    or for k = L the token ids `(n_tokens,)` int32.
+
+    Each text is computed in its own token bucket, in calls of exactly `batch_size` rows, so its states
+    depend on the text alone (bitwise, whatever else is new in the same call): a resumed run with a cold
+    cache recomputes exactly what the uninterrupted run had cached. The cache is LRU with a byte budget
+    (`cache_mb`): the least recently used texts are evicted first once the budget is exceeded. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | None,
+        k: int,
+        *,
+        max_length: int,
+        batch_size: int = 32,
+        cache_mb: float = 1024.0,
+    ):
+        self.bert, full, self.tokenizer = load_bert(model_dir or None)
+        self.k = k
+        self.start = self.bert.num_hidden_layers - k
+        self.max_length = min(int(max_length), self.bert.max_position_embeddings)
+        self.batch_size = int(batch_size)
+        self.budget = int(float(cache_mb) * 2**20)
+        self.cached_bytes = 0
+        self.truncated = 0
+        self.computed = 0  # texts run through the bottom (tests see the cache work)
+        self._cache: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        if self.start > 0:
+            lower = {n: v for n, v in full.items() if n not in top_names(self.bert, k)}
+            self._params = jax.device_put(lower)
+            encoder = BertEncoder(self.bert, stop_layer=self.start)
+            self._forward = jax.jit(
+                lambda p, ids, mask: encoder.apply({"params": p}, ids, mask, jnp.zeros_like(ids))
+            )
+
+    @property
+    def dim(self) -> int:
+        return self.bert.hidden_size
+
+    @property
+    def takes_ids(self) -> bool:
+        return self.start == 0
+
+    def tokens(self, texts: Sequence[str]) -> list[np.ndarray]:
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)["input_ids"]
+        out = [np.asarray(i, np.int32) for i in ids]
+        cut = sum(len(i) >= self.max_length for i in out)
+        if cut:  # a text that exactly fills max_length is counted too: cheaper than a second tokenisation
+            self.truncated += cut
+            log.debug("%d text(s) reached the %d-token limit", cut, self.max_length)
+        return out
+
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        with self._lock:
+            todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if todo:
+                self._compute(todo)
+            out = []
+            for t in texts:
+                self._cache.move_to_end(t)
+                out.append(self._cache[t])
+            self._evict(keep=len(set(texts)))
+            return out
+
+    def _compute(self, todo: list[str]) -> None:
+        tokens = self.tokens(todo)
+        self.computed += len(todo)
+        if self.takes_ids:
+            for text, ids in zip(todo, tokens, strict=True):
+                self._put(text, ids)
+            return
+        buckets = np.asarray([token_bucket(len(t), self.max_length) for t in tokens])
+        for length in sorted(set(buckets.tolist())):
+            rows = np.flatnonzero(buckets == length)
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                ids = np.zeros((self.batch_size, length), np.int32)
+                mask = np.zeros((self.batch_size, length), np.int32)
+                for r, i in enumerate(chunk):
+                    ids[r, : len(tokens[i])] = tokens[i]
+                    mask[r, : len(tokens[i])] = 1
+                with jax.default_matmul_precision("highest"):
+                    states = np.asarray(self._forward(self._params, ids, mask), np.float32)
+                for r, i in enumerate(chunk):
+                    self._put(todo[i], states[r, : len(tokens[i])].copy())
+
+    def _put(self, text: str, value: np.ndarray) -> None:
+        self._cache[text] = value
+        self.cached_bytes += value.nbytes
+
+    def _evict(self, keep: int) -> None:
+        """Drop least recently used entries over budget, never the `keep` most recent (the current call's)."""
+        while self.cached_bytes > self.budget and len(self._cache) > keep:
+            _, value = self._cache.popitem(last=False)
+            self.cached_bytes -= value.nbytes
+
+
+def segments_per_row(length: int) -> int:
+    """Most texts one packed row of `length` tokens holds (a text has >= 3 tokens: [CLS] word [SEP])."""
+    return max(1, length // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """Static sizes of one process's text table: `batch` local examples x `rows_per_example` packed rows of
+    `length` tokens (up to `segments_per_row(length)` texts a row); `dict_per_example` dictionary entries and
+    `report_sentences` sentence slots per example; `example_offset` = global row of the first example."""
+
+    batch: int
+    rows_per_example: int
+    length: int
+    dict_per_example: int
+    report_sentences: int
+    example_offset: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.rows_per_example
+
+    @property
+    def segments(self) -> int:
+        return segments_per_row(self.length)
+
+
+class PackedTexts:
+    """Texts packed first-fit into fixed rows, each text a segment that attends only to itself.
+
+    `add(value)` places one text's frozen-layer output (or token ids) and returns its index in the pooled
+    table (`row * segments + segment`), or -1 when no row has room. Arrays: `inputs` `(rows, length[, H])`,
+    `segments` `(rows, length)` int32 (1..S, 0 = padding), `positions` `(rows, length)` int32 (per text).
+    Packing instead of one text per row: report sentences are ~10-20 tokens, so padded rows were mostly
+    padding; the layers cost per token, so a packed table costs what its texts cost.
+    """
+
+    def __init__(self, rows: int, length: int, dim: int | None):
+        self.length, self.num_segments = length, segments_per_row(length)
+        shape = (rows, length) if dim is None else (rows, length, dim)
+        self.inputs = np.zeros(shape, np.int32 if dim is None else np.float32)
+        self.segments = np.zeros((rows, length), np.int32)
+        self.positions = np.zeros((rows, length), np.int32)
+        self._free = np.full(rows, length)
+        self._count = np.zeros(rows, np.int32)
+
+    def add(self, value: np.ndarray) -> int:
+        n = min(len(value), self.length)
+        fits = np.flatnonzero((self._free >= n) & (self._count < self.num_segments))
+        if not fits.size:
+            return -1
+        r = int(fits[0])
+        start = self.length - int(self._free[r])
+        self._count[r] += 1
+        self._free[r] -= n
+        self.inputs[r, start : start + n] = value[:n]
+        self.segments[r, start : start + n] = self._count[r]
+        self.positions[r, start : start + n] = np.arange(n)
+        return r * self.num_segments + int(self._count[r]) - 1
+
+
+def prompt_inputs(lower: LowerStates, template: str) -> dict[str, np.ndarray]:
+    """The 104 organ prompts as a constant packed table (`prompt_*`), `prompt_index` (104,) into it."""
+    prompts = organ_prompts(template)
+    packed = PackedTexts(len(prompts), lower.max_length, None if lower.takes_ids else lower.dim)
+    index = np.asarray([packed.add(v) for v in lower(prompts)], np.int32)
+    used = int(index.max()) // packed.num_segments + 1  # first-fit fills rows in order: drop the empty ones
+    return {
+        "prompt_inputs": packed.inputs[:used],
+        "prompt_segments": packed.segments[:used],
+        "prompt_positions": packed.positions[:used],
+        "prompt_index": index,
+    }
+
+
+# ------------------------------------------------------------------------------------------- text table
+def _to_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class DictionarySampler:
+    """Chooses a batch's dictionary entries (a grain `random_map` after batching: seeded by the run's seed and
+    the batch's position in the stream, so a resumed run draws exactly the same sample).
+
+    Entries about organs in the batch's slots come first (random order), then the others: only an entry about
+    an organ that is in the batch can be a hard negative (same organ, other finding or normal) or an
+    equivalent of a slot's text; entries about absent organs are easy negatives for every anchor.
+    """
+
+    def __init__(self, entry_organs: np.ndarray, size: int):
+        self.entry_organs = np.asarray(entry_organs, np.int32)
+        self.size = int(size)
+
+    def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        present = np.unique(batch["slot_organ"][batch["slot_valid"]])
+        hot = np.isin(self.entry_organs, present)
+        order = np.concatenate([rng.permutation(np.flatnonzero(hot)), rng.permutation(np.flatnonzero(~hot))])
+        chosen = np.full(self.size, -1, np.int32)
+        chosen[: min(self.size, len(order))] = order[: self.size]
+        return {**batch, "dict_sample": chosen}
+
+
+class TextTable:
+    """Adds the packed text table and its index arrays to a host batch (a grain `map`, in this process).
+
+    Texts are de-duplicated and packed in priority order: slot texts of abnormal organs, slot texts of
+    normal ones, the dictionary sample, report sentences. A text that does not fit is dropped and counted in
+    `text_dropped` (row 0 holds this process's count; raise `config.text.rows_per_example` if it is not 0): a
+    dropped slot text takes its slot out of the abnormality term (`slot_abnormal` -1; the organ-text term
+    keeps the slot), a dropped dictionary entry is invalid, a dropped sentence leaves its report's mean.
+    Indices are global (`example_offset`), into the step's pooled table `(batch x rows x segments, H)`.
+    """
+
+    def __init__(
+        self,
+        lower: LowerStates,
+        layout: TableLayout,
+        *,
+        slots: bool,
+        reports: bool,
+        dictionary: Mapping[str, np.ndarray] | None,
+    ):
+        self.lower, self.layout = lower, layout
+        self.slots, self.reports = slots, reports
+        self.dictionary = dictionary
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from ctglip_jax.data.reports import split_sentences
+
+        lay = self.layout
+        b = len(batch["image"])
+        if b != lay.batch:
+            raise ConfigError("text table", f"batch of {b} examples, the table was laid out for {lay.batch}")
+        wanted: dict[str, None] = {}  # texts in priority order
+        out = dict(batch)
+        flags = np.array(batch["slot_abnormal"], np.int8, copy=True)
+        slot_refs = []
+        if self.slots:
+            for tier in (1, 0):
+                for i, j in zip(*np.nonzero((flags == tier) & batch["slot_valid"]), strict=True):
+                    text = _to_str(batch["slot_text"][i, j])
+                    slot_refs.append((i, j, text))
+                    wanted.setdefault(text)
+        d, sample = self.dictionary, batch.get("dict_sample")
+        dict_refs = []
+        if d is not None and sample is not None:
+            for n, e in enumerate(int(e) for e in sample[: lay.batch * lay.dict_per_example]):
+                if e >= 0:
+                    dict_refs.append((n, e, str(d["text"][e])))
+                    wanted.setdefault(dict_refs[-1][2])
+        report_refs, dropped = [], 0
+        if self.reports:
+            for i, report in enumerate(batch["report"]):
+                sentences = split_sentences(_to_str(report)) or [_to_str(report)]
+                dropped += max(len(sentences) - lay.report_sentences, 0)
+                for s, sentence in enumerate(sentences[: lay.report_sentences]):
+                    report_refs.append((i, s, sentence))
+                    wanted.setdefault(sentence)
+        wanted.pop("", None)
+        packed = PackedTexts(lay.rows, lay.length, None if self.lower.takes_ids else self.lower.dim)
+        offset = lay.example_offset * lay.rows_per_example * lay.segments
+        where = {}
+        for text, value in zip(wanted, self.lower(list(wanted)), strict=True):
+            local = packed.add(value)
+            where[text] = -1 if local < 0 else offset + local
+            dropped += local < 0
+        position = lambda text: where.get(text, -1)  # noqa: E731
+
+        index = np.zeros(flags.shape, np.int32)
+        for i, j, text in slot_refs:
+            index[i, j] = max(position(text), 0)
+            if position(text) < 0:
+                flags[i, j] = -1
+        if self.slots:
+            out["slot_abnormal"] = flags
+        keys = [text_key(_to_str(t)) for t in batch["slot_text"].reshape(-1)]
+        out["slot_text_key"] = np.asarray(keys, np.int32).reshape(batch["slot_text"].shape)
+        out["slot_text_index"] = index
+
+        shape = (b, lay.dict_per_example)
+        dict_out = {
+            "dict_index": np.zeros(shape, np.int32),
+            "dict_valid": np.zeros(shape, bool),
+            "dict_key": np.zeros(shape, np.int32),
+            "dict_normal": np.zeros(shape, bool),
+            "dict_organ": np.zeros(shape, np.int32),
+        }
+        flat = {k: v.reshape(-1) for k, v in dict_out.items()}  # views: writes land in dict_out
+        for n, e, text in dict_refs:
+            if position(text) >= 0:
+                flat["dict_index"][n], flat["dict_valid"][n] = position(text), True
+                flat["dict_key"][n], flat["dict_normal"][n], flat["dict_organ"][n] = (
+                    d["key"][e],
+                    d["normal"][e],
+                    d["organ"][e],
+                )
+        out.update(dict_out)
+        out.pop("dict_sample", None)
+        if self.reports:
+            r_index = np.zeros((b, lay.report_sentences), np.int32)
+            r_mask = np.zeros((b, lay.report_sentences), bool)
+            for i, s, sentence in report_refs:
+                r_index[i, s], r_mask[i, s] = max(position(sentence), 0), position(sentence) >= 0
+            out["report_index"], out["report_mask"] = r_index, r_mask
+        per = (b, lay.rows_per_example, lay.length)
+        out["text_inputs"] = packed.inputs.reshape(*per, *packed.inputs.shape[2:])
+        out["text_segments"] = packed.segments.reshape(per)
+        out["text_positions"] = packed.positions.reshape(per)
+        out["text_dropped"] = np.zeros(b, np.int32)
+        out["text_dropped"][0] = dropped
+        return out
+
+
+def layout(
+    config: ml_collections.ConfigDict, local_batch: int, process_count: int, example_offset: int = 0
+) -> TableLayout:
+    sample = int(config.loss.get("dictionary_sample", 0)) if config.loss.get("use_dictionary") else 0
+    per_process = -(-sample // process_count)
+    return TableLayout(
+        batch=local_batch,
+        rows_per_example=int(config.text.rows_per_example),
+        length=int(config.text.max_length),
+        dict_per_example=max(1, -(-per_process // local_batch)),
+        report_sentences=int(config.text.max_report_sentences),
+        example_offset=example_offset,
+    )
+
+
+@dataclasses.dataclass
+class JointText:
+    """Everything the loop needs for k > 0: the host bottom, the step constants and the pipeline stages."""
+
+    lower: LowerStates
+    consts: dict[str, np.ndarray]
+    sampler: DictionarySampler | None
+    table: TextTable
+    initial_top: dict[str, Any]  # pretrained top-layer params (the train state starts from them)
+
+
+def make_joint_text(
+    config: ml_collections.ConfigDict,
+    *,
+    local_batch: int,
+    process_count: int = 1,
+    example_offset: int = 0,
+    dictionary: Mapping[str, Sequence[str]] | None = None,
+) -> JointText:
+    """Builds the host side of joint text training from a config (k = config.text.trainable_layers > 0).
+
+    `dictionary` ({organ: [texts]}) is the abnormality dictionary (None: the loss has none)."""
+    check_config(config)
+    k = trainable_layers(config)
+    lower = LowerStates(
+        config.text.model_dir or None,
+        k,
+        max_length=int(config.text.max_length),
+        batch_size=int(config.text.batch_size),
+        cache_mb=float(config.text.cache_mb),
+    )
+    lay = layout(config, local_batch, process_count, example_offset)
+    entries = dictionary_entries(dictionary) if dictionary else None
+    sampler = None
+    if entries is not None and len(entries["text"]) and int(config.loss.get("dictionary_sample", 0)) > 0:
+        sampler = DictionarySampler(entries["organ"], lay.batch * lay.dict_per_example)
+    weights = {t: float(config.loss.get(t, 0.0)) for t in ("abnormality", "global_clip")}
+    table = TextTable(
+        lower,
+        lay,
+        slots=weights["abnormality"] > 0,
+        reports=weights["global_clip"] > 0,
+        dictionary=entries if sampler is not None else None,
+    )
+    bert, full, _ = load_bert(config.text.model_dir or None)
+    return JointText(
+        lower, prompt_inputs(lower, config.text.prompt), sampler, table, top_params(full, bert, k)
+    )
+
+
+def device_keys(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Batch keys the joint-text step reads (besides the image ones)."""
+    keys = TABLE_KEYS + DICT_KEYS
+    if float(config.loss.get("global_clip", 0.0)) > 0:
+        keys += REPORT_KEYS
+    return keys
+
+
+def workdir_text_mismatch(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str | None:
+    """The first text-tower field on which a workdir's saved config and this one disagree, as a message."""
+    for field, default in (("trainable_layers", 0), ("model_dir", ""), ("pooling", "mean")):
+        old, new = saved.text.get(field, default), config.text.get(field, default)
+        if field == "model_dir":
+            old, new = (
+                str(pathlib.Path(old).resolve()) if old else "",
+                str(pathlib.Path(new).resolve()) if new else "",
+            )
+        if old != new:
+            return (
+                f"config.text.{field}: the workdir's checkpoints were trained with {old!r}, this config says "
+                f"{new!r} (use a new workdir, or the same value)"
+            )
+    return None
