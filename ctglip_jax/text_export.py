@@ -67,7 +67,9 @@ def export_text_tower(
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for item in source.iterdir():  # config.json, tokenizer files, ...: everything but the weights
+    for item in source.iterdir():  # config.json, tokenizer files, ...: not the weights, not the model card
+        if item.name == "README.md":  # it describes the original model, not this fine-tuned one
+            continue
         if (
             item.is_file()
             and item.suffix not in WEIGHT_SUFFIXES
