@@ -47,6 +47,7 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             hu_scale_jitter=0.05,
             hu_shift_jitter=20.0,
             window=(-1150.0, 350.0),
+            crop_aware_labels=True,  # an organ's abnormal sentence only with crops that show its lesion
             seed=0,
             shuffle=True,
             random_augment=True,
@@ -98,6 +99,10 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             abnormality=1.0,
             global_clip=0.0,
             use_dictionary=True,
+            # "auto": the phantom's catalogue for ctglip_synthetic, else "corpus" (built from the training
+            # split's reports, kept in the workdir); or a JSON file written by `ctglip build-dictionary`.
+            dictionary="auto",
+            dictionary_per_organ=32,  # corpus dictionary: most entries per organ
             dictionary_sample=32 if runlocal else 128,  # dictionary entries per step when the text trains
         )
     )

@@ -146,9 +146,11 @@ def evaluate(
     seg_mode: str = "probe",
     seg_head: str = "linear",
     say: Callable[[str], None] = _say,
+    whole_scan: bool = True,
 ) -> dict:
     """OR / AD zero-shot on the test split; TD (linear probe) and TS (segmentation on the encoder, by
     default a linear probe on the frozen tokens) trained on train, scored on test. Shared with the study.
+    Organs are pooled over the whole stored volume (`whole_scan=False`: inside one centre crop).
 
     AD is scored with two prompt pairs: `ad/` the evaluator's default ("X." / "Not X."), `ad_dict/` the
     abnormality dictionary's phrasings against the organ's normal statements; `ad_probe/` is a linear
@@ -156,13 +158,13 @@ def evaluate(
     """
     from ctglip_jax import evaluation, finetune
     from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
-    from ctglip_jax.evaluators.zeroshot_organ import collect_organ_embeddings
 
     quiet = lambda message: None  # noqa: E731 - one summary line per model is printed instead
     test_embeddings = []
     zs = evaluation.evaluate(
         model, evaluators=("organ", "abnormality"), split="test", out_dir=out, progress=quiet,
         abnormality_templates=(("short",), ("dictionary",)), on_embeddings=test_embeddings.append,
+        whole_scan=whole_scan,
     )
     ad = zs["abnormality_detection"]
     ad_dict = zs.get("abnormality_by_template", {}).get("dictionary", {})
@@ -175,12 +177,8 @@ def evaluate(
         **{f"ad_dict/{k}": ad_dict.get(k) for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal")},
     }
     if test_embeddings and "finding_organ" in test_embeddings[0].extras:
-        zero_shot = model.zero_shot_model()
-        train = evaluation.EvaluationData(model.config, "train")
-        min_voxels = int(model.config.data.get("min_organ_voxels", 8))
-        train_embeddings = collect_organ_embeddings(
-            zero_shot.embed_organs, model.params, train.batches(), min_voxels=min_voxels
-        )
+        train = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)
+        train_embeddings = evaluation.organ_embeddings(model, train)
         probe = abnormality_probe(train_embeddings, test_embeddings[0])
         (out / "abnormality_probe.json").write_text(json.dumps(probe, indent=2))
         row.update({f"ad_probe/{k}": probe[k] for k in ("auc_macro", "auc_focal", "auc_nonfocal")})

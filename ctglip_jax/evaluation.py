@@ -1,27 +1,25 @@
 """Evaluation of a training workdir: its checkpoint, its dataset's held-out split, the zero-shot evaluators,
 and what `ctglip eval` writes (`eval.json` + PNG plots).
 
-    pretrained.load(workdir)  ->  evaluation data (split, centre crops, every case)  ->  evaluators
+    pretrained.load(workdir)  ->  evaluation data (split, every case, whole volumes)  ->  evaluators
     ->  eval.json (metrics + what was evaluated)  +  plots (ROC per finding, organ confusion matrix,
         example overlays of the organ mask and text-to-voxel heatmaps on CT slices)
 
-The data is read the way training validates: `PipelineConfig` from the workdir config with the chosen split,
-no shuffling, no random augmentation (centre crop of the training crop size, organ slots ordered by id). The
-grain batcher drops the remainder, so the records are read straight from the TFDS data source through the
-pipeline's own `RecordTransform` and batched here, the last partial batch included: every case counts.
-One pass gives the organ embeddings shared by organ recognition and abnormality detection; retrieval reads
-the data once more (it pools the organ slots, with their report texts).
+The data is read the way training validates (`eval_inputs.EvaluationData`): the workdir config's pipeline
+with the chosen split, no shuffling, no random augmentation, organ slots ordered by id, every case (the last
+partial batch included). Organs are pooled over the whole stored volume with sliding windows of the training
+crop (`--centre-crop`: inside one centre crop, the protocol before). One pass gives the organ embeddings
+shared by organ recognition, abnormality detection and (whole-scan) retrieval.
 
 Called from Python too (the demo and the reproduction script): `evaluate(pretrained.load(workdir), ...)`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +27,10 @@ import numpy as np
 
 from ctglip_jax.checkpoint import checkpoint_step  # noqa: F401  (the step `pretrained.load` reads)
 from ctglip_jax.errors import ConfigError, InputNotFoundError
+from ctglip_jax.eval_inputs import EXAMPLE_KEYS, EvaluationData, organ_embeddings  # noqa: F401
 
 EVALUATORS = ("organ", "abnormality", "retrieval")
 EVAL_FILE = "eval.json"
-EXAMPLE_KEYS = ("image", "label_map", "tumor_mask", "finding_labels", "case_id")
 
 
 def progress_message(message: str) -> None:
@@ -54,64 +52,6 @@ def parse_evaluators(names: str | Sequence[str]) -> tuple[str, ...]:
             f"unknown or no evaluator(s) {unknown or items}; choose from {','.join(EVALUATORS)}",
         )
     return tuple(n for n in EVALUATORS if n in items)
-
-
-# ---------------------------------------------------------------------------------------------------- data
-@dataclasses.dataclass
-class EvaluationData:
-    """Every record of one split as fixed-size batches (the last one partial), re-iterable."""
-
-    config: Any  # the workdir's ml_collections config
-    split: str = "test"
-    batch_size: int | None = None
-    max_cases: int | None = None
-
-    def __post_init__(self) -> None:
-        from ctglip_jax.data import datasets
-        from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform
-
-        values = {
-            **self.config.data.to_dict(),
-            "split": self.split,
-            "shuffle": False,
-            "random_augment": False,
-            "num_epochs": 1,
-            "build_if_missing": False,
-        }
-        values["data_dir"] = values.get("data_dir") or None
-        values.pop("spacing", None)  # zero-shot inference's record of the training grid, not a pipeline field
-        self.pipeline_config = PipelineConfig.from_mapping(values)
-        cfg = self.pipeline_config
-        self.source = datasets.data_source(cfg.dataset, cfg.config, cfg.split, cfg.data_dir)
-        self.transform = RecordTransform(cfg, None, None)
-        self.batch_size = int(self.batch_size or cfg.batch_size)
-        if self.batch_size < 1:
-            raise ConfigError("--batch-size", f"must be >= 1, got {self.batch_size}")
-        self.num_cases = len(self.source) if self.max_cases is None else min(len(self.source), self.max_cases)
-        if self.num_cases == 0:
-            raise ConfigError(self.name, "the split holds no records")
-        self.record_keys = frozenset(self.source[0])
-
-    @property
-    def name(self) -> str:
-        c = self.pipeline_config
-        return f"{c.dataset}/{c.config}:{c.split}"
-
-    def examples(self) -> Iterator[dict[str, Any]]:
-        for index in range(self.num_cases):
-            yield self.transform(self.source[index], None)
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        from ctglip_jax.data.pipeline import stack_examples
-
-        chunk: list[dict[str, Any]] = []
-        for example in self.examples():
-            chunk.append(example)
-            if len(chunk) == self.batch_size:
-                yield stack_examples(chunk)
-                chunk = []
-        if chunk:
-            yield stack_examples(chunk)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -191,6 +131,111 @@ def _plots(result: dict[str, Any], out_dir: Path) -> list[str]:
     return written
 
 
+def _organ_recognition(model, params, config, embeddings, result: dict, say) -> None:
+    from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
+
+    start = time.perf_counter()
+    template = config.text.get("prompt", "A CT image of the {organ}.")
+    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    organ = OrganRecognitionEvaluator(model, templates=(template,), min_voxels=min_voxels)
+    result["organ_recognition"] = organ.run(params, embeddings)
+    result["seconds"]["organ_recognition"] = time.perf_counter() - start
+    say(
+        f"  organ recognition: top-1 {result['organ_recognition']['top1']:.3f}, "
+        f"top-5 {result['organ_recognition']['top5']:.3f}"
+    )
+
+
+def _abnormality(model, params, config, embeddings, data, result: dict, say, abnormality_templates) -> None:
+    """Zero-shot AD on the dataset's own finding labels (the phantom's catalogue)."""
+    from ctglip_jax.data.findings import FINDINGS
+    from ctglip_jax.evaluators.abnormality_probe import summarise_by_kind
+    from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
+
+    start = time.perf_counter()
+    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    extras = embeddings.extras
+    labels = extras.get("finding_organ", extras.get("finding_labels"))
+    if labels is None or np.shape(labels)[-1] != len(FINDINGS):
+        result["abnormality_detection"] = {
+            "skipped": f"{data.name} has no finding labels over the {len(FINDINGS)}-finding catalogue: "
+            "score your own labels with --labels FILE"
+        }
+    else:
+        by_template = {}
+        for templates in abnormality_templates or [None]:
+            kw = {} if templates is None else {"templates": tuple(templates)}
+            r = AbnormalityEvaluator(model, min_voxels=min_voxels, **kw).run(params, embeddings)
+            by_template["+".join(map(str, r["templates"]))] = {
+                "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
+                **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
+            }
+            result.setdefault("abnormality_detection", r)
+        result["abnormality_by_template"] = by_template
+        r = result["abnormality_detection"]
+        say(
+            f"  abnormality detection: AUC macro {_fmt(r['auc_macro'])}, "
+            f"F1 macro {_fmt(r['f1_macro'])} over {r['num_findings_evaluated']} finding(s), "
+            f"{len(r['skipped'])} skipped"
+        )
+    result["seconds"]["abnormality_detection"] = time.perf_counter() - start
+
+
+def normal_statements(pretrained):
+    """`organ name -> [normal statements]` of the run's abnormality dictionary: the corpus dictionary kept in
+    the workdir (`dictionary.json`), the phantom's catalogue for phantom runs, nothing otherwise."""
+    from ctglip_jax import objective
+
+    path = Path(pretrained.workdir) / objective.DICTIONARY_FILE
+    table: dict[str, list[str]] = {}
+    if path.is_file():
+        from ctglip_jax.corpus_dictionary import load_dictionary
+
+        for organ, entries in load_dictionary(path)["organs"].items():
+            table[organ] = [e["text"] for e in entries if not e["abnormal"]]
+    elif pretrained.config.data.dataset == objective.SYNTHETIC_DATASET:
+        from ctglip_jax.data.findings import normal_phrasings
+
+        return normal_phrasings
+    return lambda organ: table.get(organ, [])
+
+
+def _abnormality_from_labels(model, params, pretrained, embeddings, labels, result: dict, say) -> None:
+    """Zero-shot AD scored on the user's labels (`--labels FILE`, evaluators/labels.py): per finding, a
+    prompt pair per organ (the spec's, else the finding's name against the dictionary's normal statements
+    of the organ); plus `any_abnormality` over every labelled organ."""
+    from ctglip_jax.evaluators.label_scoring import pair_probability_fn, prompt_pairs, score_organ_embeddings
+    from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings
+
+    start = time.perf_counter()
+    pairs = prompt_pairs(labels.findings, normal_statements(pretrained))
+    keys = list(pairs)
+    encoder = TextEncoder(model.text_features, model.project_text, params)
+    vectors = ensemble_embeddings(encoder, [group for k in keys for group in pairs[k]]) if keys else []
+    scale = float(np.asarray(model.logit_scale(params)))
+    fn = pair_probability_fn({k: (vectors[2 * i], vectors[2 * i + 1]) for i, k in enumerate(keys)}, scale)
+    r = score_organ_embeddings(labels, embeddings, fn)
+    r["prompts"] = {
+        f"{name}/{organs_name(oid)}": {"present": p, "absent": a} for (name, oid), (p, a) in pairs.items()
+    }
+    r["logit_scale"] = scale
+    result["abnormality_detection"] = r
+    result["any_abnormality"] = {k: r["any_abnormality"].get(k) for k in ("auc", "f1", "positives", "n")}
+    result["seconds"]["abnormality_detection"] = time.perf_counter() - start
+    say(
+        f"  abnormality detection ({labels.source}): AUC macro {_fmt(r['auc_macro'])}, "
+        f"F1 macro {_fmt(r['f1_macro'])} over {r['num_findings_evaluated']} finding(s), "
+        f"{len(r['skipped'])} skipped; any abnormality AUC {_fmt(r['any_abnormality'].get('auc'))}; "
+        f"{r.get('num_cases_left_out', 0)} case(s) not in the labels file"
+    )
+
+
+def organs_name(organ_id: int) -> str:
+    from ctglip_jax.data import organs
+
+    return organs.v1_names()[int(organ_id)]
+
+
 def evaluate(
     pretrained,
     *,
@@ -205,6 +250,8 @@ def evaluate(
     progress: Callable[[str], None] | None = progress_message,
     abnormality_templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
     on_embeddings: Callable[[Any], None] | None = None,
+    whole_scan: bool = True,
+    labels=None,
 ) -> dict[str, Any]:
     """Runs the zero-shot evaluators on `split` of the workdir's dataset; with `out_dir`, writes eval.json
     and the plots there. Returns the eval.json dict. `step` is only recorded (the params are loaded);
@@ -212,13 +259,13 @@ def evaluate(
 
     `abnormality_templates`: prompt-pair sets to score abnormality detection with (default: the evaluator's
     one); the first is `abnormality_detection`, each one's summary is in `abnormality_by_template`.
-    `on_embeddings` receives the collected `OrganEmbeddings` (e.g. for a probe), so nobody embeds twice."""
-    from ctglip_jax.data.findings import FINDINGS
-    from ctglip_jax.evaluators.abnormality_probe import summarise_by_kind
+    `on_embeddings` receives the collected `OrganEmbeddings` (e.g. for a probe), so nobody embeds twice.
+    `whole_scan` (default): organs pooled over the whole stored volume by sliding windows of the training
+    crop; False: inside one centre crop (the protocol before, for comparison; see eval_inputs.py).
+    `labels` (`evaluators.labels.read_labels`): score abnormality detection on them instead of the dataset's
+    own finding labels (the phantom's catalogue), and add `any_abnormality`."""
     from ctglip_jax.evaluators.metrics import json_ready
     from ctglip_jax.evaluators.retrieval import RetrievalEvaluator
-    from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
-    from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator, collect_organ_embeddings
 
     say = progress or (lambda _: None)
     evaluators = parse_evaluators(evaluators)
@@ -229,23 +276,23 @@ def evaluate(
         except InputNotFoundError:
             step = None  # params from elsewhere (an export): nothing to record
     if data is None:
-        data = EvaluationData(config, split, batch_size, max_cases)
+        data = EvaluationData(config, split, batch_size, max_cases, whole_scan=whole_scan)
     model = pretrained.zero_shot_model()
-    min_voxels = int(config.data.get("min_organ_voxels", 8))
-    template = config.text.get("prompt", "A CT image of the {organ}.")
     result: dict[str, Any] = {
         "workdir": str(pretrained.workdir),
         "step": step,
         "dataset": data.name,
-        "split": split,
+        "split": data.split,
         "num_cases": data.num_cases,
-        "crop_shape": list(data.pipeline_config.crop_shape),
+        "protocol": data.protocol,
+        "crop_shape": list(data.training_crop),
+        "evaluated_shape": list(data.pipeline_config.crop_shape),
         "evaluators": list(evaluators),
         "seconds": {},
     }
     say(
-        f"evaluating step {step} on {data.name}: {data.num_cases} case(s), batches of {data.batch_size}, "
-        f"evaluators {','.join(evaluators)}"
+        f"evaluating step {step} on {data.name}: {data.num_cases} case(s), "
+        f"{data.protocol.replace('_', ' ')}, batches of {data.batch_size}, evaluators {','.join(evaluators)}"
     )
     examples: list[dict[str, Any]] = []
 
@@ -256,15 +303,16 @@ def evaluate(
                     examples.append({k: batch[k][row] for k in EXAMPLE_KEYS if k in batch})
             yield batch
 
+    has_text = {"label_map", "organ_abnormal", "organ_text"} <= data.record_keys
     if "label_map" not in data.record_keys:  # e.g. a tumour dataset without organ label maps
         for name, key in (("organ", "organ_recognition"), ("abnormality", "abnormality_detection")):
             if name in evaluators:
                 result[key] = {"skipped": f"{data.name} records have no organ label map"}
-    elif {"organ", "abnormality"} & set(evaluators):
+    embeddings = None
+    need = {"organ", "abnormality"} | ({"retrieval"} if data.whole_scan else set())
+    if "label_map" in data.record_keys and need & set(evaluators):
         start = time.perf_counter()
-        embeddings = collect_organ_embeddings(
-            model.embed_organs, params, batches_keeping_examples(), min_voxels=min_voxels
-        )
+        embeddings = organ_embeddings(pretrained, data, batches_keeping_examples())
         result["seconds"]["organ_embeddings"] = time.perf_counter() - start
         if on_embeddings is not None:
             on_embeddings(embeddings)
@@ -272,48 +320,23 @@ def evaluate(
             f"  organ embeddings: {int(embeddings.valid.sum())} organ instances "
             f"({result['seconds']['organ_embeddings']:.1f} s)"
         )
-        if "organ" in evaluators:
-            start = time.perf_counter()
-            organ = OrganRecognitionEvaluator(model, templates=(template,), min_voxels=min_voxels)
-            result["organ_recognition"] = organ.run(params, embeddings)
-            result["seconds"]["organ_recognition"] = time.perf_counter() - start
-            say(
-                f"  organ recognition: top-1 {result['organ_recognition']['top1']:.3f}, "
-                f"top-5 {result['organ_recognition']['top5']:.3f}"
-            )
-        if "abnormality" in evaluators:
-            start = time.perf_counter()
-            extras = embeddings.extras
-            labels = extras.get("finding_organ", extras.get("finding_labels"))
-            if labels is None or np.shape(labels)[-1] != len(FINDINGS):
-                result["abnormality_detection"] = {
-                    "skipped": f"{data.name} has no finding labels over the {len(FINDINGS)}-finding catalogue"
-                }
-            else:
-                by_template = {}
-                for templates in abnormality_templates or [None]:
-                    kw = {} if templates is None else {"templates": tuple(templates)}
-                    r = AbnormalityEvaluator(model, min_voxels=min_voxels, **kw).run(params, embeddings)
-                    by_template["+".join(map(str, r["templates"]))] = {
-                        "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
-                        **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
-                    }
-                    result.setdefault("abnormality_detection", r)
-                result["abnormality_by_template"] = by_template
-                r = result["abnormality_detection"]
-                say(
-                    f"  abnormality detection: AUC macro {_fmt(r['auc_macro'])}, "
-                    f"F1 macro {_fmt(r['f1_macro'])} over {r['num_findings_evaluated']} finding(s), "
-                    f"{len(r['skipped'])} skipped"
-                )
-            result["seconds"]["abnormality_detection"] = time.perf_counter() - start
-    if "retrieval" in evaluators and not {"label_map", "organ_abnormal", "organ_text"} <= data.record_keys:
+    if embeddings is not None and "organ" in evaluators:
+        _organ_recognition(model, params, config, embeddings, result, say)
+    if embeddings is not None and "abnormality" in evaluators:
+        if labels is not None:
+            _abnormality_from_labels(model, params, pretrained, embeddings, labels, result, say)
+        else:
+            _abnormality(model, params, config, embeddings, data, result, say, abnormality_templates)
+    if "retrieval" in evaluators and not has_text:
         result["retrieval"] = {"skipped": f"{data.name} records have no organ label map and organ-level text"}
     elif "retrieval" in evaluators:
         start = time.perf_counter()
         try:
-            result["retrieval"] = RetrievalEvaluator(model, texts="report").run(
-                params, batches_keeping_examples()
+            retrieval = RetrievalEvaluator(model, texts="report")
+            result["retrieval"] = (
+                retrieval.run_on_embeddings(params, embeddings)
+                if embeddings is not None
+                else retrieval.run(params, batches_keeping_examples())
             )
             say(f"  retrieval: image->text R@1 {result['retrieval']['image_to_text/R@1']}")
         except ConfigError as e:  # e.g. a dataset without reports

@@ -13,6 +13,8 @@ objective from a config. Loss terms (weights in `config.loss`, a weight of 0 swi
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import jax
@@ -21,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from ctglip_jax import joint_text, losses
+from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.grounding import global_mean_pool
 from ctglip_jax.models.two_tower import TwoTower, two_tower
 from ctglip_jax.text_features import TextBank
@@ -31,14 +34,73 @@ DEVICE_BATCH_KEYS = IMAGE_BATCH_KEYS + ("slot_text_feat", "slot_text_key")
 LOSS_TERMS = ("organ_text", "abnormality", "global_clip")
 
 
+SYNTHETIC_DATASET = "ctglip_synthetic"
+DICTIONARY_FILE = "dictionary.json"  # the corpus dictionary a run trained with, in its workdir
+
+
+def dictionary_source(config: ml_collections.ConfigDict) -> str:
+    """'synthetic' | 'corpus' | a path: `config.loss.dictionary`, with 'auto' (the default) resolved by the
+    dataset: the phantom's catalogue for the phantom, the training corpus's own dictionary otherwise."""
+    choice = str(config.loss.get("dictionary", "auto") or "auto")
+    dataset = config.data.dataset
+    if choice == "auto":
+        return "synthetic" if dataset == SYNTHETIC_DATASET else "corpus"
+    if choice == "synthetic" and dataset != SYNTHETIC_DATASET:
+        raise ConfigError(
+            "config.loss.dictionary",
+            f"'synthetic' is the phantom's finding catalogue; a model trained on {dataset} must not learn "
+            "its vocabulary: use 'corpus' (built from your training reports) or a dictionary JSON file",
+        )
+    return choice
+
+
+def resolve_dictionary(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict | None:
+    """The abnormality dictionary the loss uses ({organ: [texts or {"text", "abnormal"}]}), None without one.
+
+    'corpus' is built from the training split's reports on first use and stored as
+    `<workdir>/dictionary.json` (a resumed run and `ctglip eval` read it back); a path is read as written by
+    `ctglip build-dictionary` and copied there too, so the workdir holds what the run trained with.
+    """
+    from ctglip_jax import corpus_dictionary
+
+    if not config.loss.use_dictionary:
+        return None
+    source = dictionary_source(config)
+    if source == "synthetic":
+        from ctglip_jax.data.findings import abnormality_dictionary
+
+        return abnormality_dictionary()
+    stored = os.path.join(workdir, DICTIONARY_FILE) if workdir else None
+    if source == "corpus":
+        if stored and os.path.isfile(stored):
+            d = corpus_dictionary.load_dictionary(stored)
+        else:
+            d = corpus_dictionary.build_from_dataset(
+                config.data.dataset, config.data.get("config") or None, split=config.data.split,
+                data_dir=config.data.get("data_dir") or None,
+                per_organ=int(config.loss.get("dictionary_per_organ", 32)),
+                model_dir=config.text.model_dir or None, seed=int(config.seed), progress=_progress,
+            )
+    else:
+        d = corpus_dictionary.load_dictionary(source)
+    if stored and jax.process_index() == 0 and not os.path.isfile(stored):
+        os.makedirs(workdir, exist_ok=True)
+        corpus_dictionary.save_dictionary(stored, d)
+    return corpus_dictionary.training_dictionary(d)
+
+
+def _progress(message: str) -> None:
+    print(f"[dictionary] {message}", file=sys.stderr, flush=True)
+
+
 def make_text_bank(
-    config: ml_collections.ConfigDict, embedder=None, *, with_dictionary: bool = True
+    config: ml_collections.ConfigDict, embedder=None, *, with_dictionary: bool = True, dictionary=None
 ) -> TextBank:
-    """The frozen text tower on the host, its prompt bank and (if used) the abnormality dictionary.
+    """The frozen text tower on the host, its prompt bank and (if used) the abnormality dictionary
+    (`dictionary`, default: `resolve_dictionary(config)`).
 
     Inference passes `with_dictionary=False`: the dictionary (~700 sentences) only serves the training loss.
     """
-    from ctglip_jax.data.findings import abnormality_dictionary
     from ctglip_jax.models.text import TextEmbedder
 
     if embedder is None:
@@ -48,7 +110,10 @@ def make_text_bank(
             max_length=int(config.text.max_length),
             batch_size=int(config.text.batch_size),
         )
-    dictionary = abnormality_dictionary() if config.loss.use_dictionary and with_dictionary else None
+    if not with_dictionary:
+        dictionary = None
+    elif dictionary is None:
+        dictionary = resolve_dictionary(config)
     return TextBank(embedder, prompt_template=config.text.prompt, dictionary=dictionary)
 
 
@@ -92,11 +157,10 @@ def optimizer_config(config: ml_collections.ConfigDict) -> ml_collections.Config
     return optim_config
 
 
-def make_joint_text(config: ml_collections.ConfigDict, **kw) -> joint_text.JointText:
-    """The host side of joint text training, with the abnormality dictionary the config asks for."""
-    from ctglip_jax.data.findings import abnormality_dictionary
-
-    dictionary = abnormality_dictionary() if config.loss.use_dictionary else None
+def make_joint_text(config: ml_collections.ConfigDict, dictionary=None, **kw) -> joint_text.JointText:
+    """The host side of joint text training, with the abnormality dictionary (default: the config's)."""
+    if dictionary is None:
+        dictionary = resolve_dictionary(config)
     return joint_text.make_joint_text(config, dictionary=dictionary, **kw)
 
 

@@ -31,22 +31,31 @@ def organ_prompts(template: str = DEFAULT_PROMPT) -> list[str]:
     return [template.format(organ=organs.readable_name(organs.v1_names()[i])) for i in range(1, 105)]
 
 
-def dictionary_entries(dictionary: Mapping[str, Sequence[str]]) -> dict[str, np.ndarray]:
-    """Flatten {organ: [texts]} into aligned arrays: text, organ id, key and a normal flag.
+def dictionary_entries(
+    dictionary: Mapping[str, Sequence[str | Mapping[str, object]]],
+) -> dict[str, np.ndarray]:
+    """Flatten {organ: [entries]} into aligned arrays: text, organ id, key and a normal flag.
 
-    Whether an entry is a normal phrasing is decided by the project's own report parser, the same rule that
+    An entry is a text or a `{"text": ..., "abnormal": bool}` mapping (a corpus dictionary, see
+    `corpus_dictionary.training_dictionary`, which knows each sentence's flag from its report). For a plain
+    text, whether it is a normal phrasing is decided by the project's own report parser, the same rule that
     labels the training texts, so dictionary entries and batch texts agree on what 'normal' means.
     """
     from ctglip_jax.data.reports import parse_report
 
     texts, ids, normal = [], [], []
     for name, entries in dictionary.items():
-        for t in entries:
-            parsed = parse_report(t, source="<dictionary>") if t.strip() else {}
-            finding = parsed.get(name)
+        for entry in entries:
+            if isinstance(entry, Mapping):
+                t, is_normal = str(entry["text"]), not bool(entry["abnormal"])
+            else:
+                t = entry
+                parsed = parse_report(t, source="<dictionary>") if t.strip() else {}
+                finding = parsed.get(name)
+                is_normal = finding is not None and not finding.abnormal
             texts.append(t)
             ids.append(organs.organ_id(name))
-            normal.append(finding is not None and not finding.abnormal)
+            normal.append(is_normal)
     return {
         "text": np.asarray(texts, dtype=object),
         "organ": np.asarray(ids, np.int32),

@@ -82,15 +82,20 @@ class TextSide:
     init_text: dict | None = None  # pretrained top-layer params the train state starts from
 
 
-def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding) -> TextSide:
+def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding, workdir: str | None = None
+                   ) -> TextSide:
+    """Text inputs of the step; the abnormality dictionary is the config's (objective.resolve_dictionary;
+    a corpus dictionary is built on first use and kept in `workdir`)."""
+    dictionary = objective.resolve_dictionary(config, workdir)
     if not joint_text.trainable_layers(config):
-        bank = objective.make_text_bank(config)
+        bank = objective.make_text_bank(config, dictionary=dictionary)
         with_report = float(config.loss.get("global_clip", 0.0)) > 0
         return TextSide(bank.constants(), {},
                         lambda b: _host_batch_to_device(b, bank, batch_sharding, with_report))
     global_batch = int(config.data.batch_size)
     joint = objective.make_joint_text(
         config,
+        dictionary,
         local_batch=global_batch // jax.process_count(),
         process_count=jax.process_count(),
         example_offset=sharding.process_example_offset(batch_sharding, global_batch),
@@ -160,6 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
 
     joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
+    objective.dictionary_source(config)  # the phantom's catalogue never reaches a model of user data
     check_workdir_matches(config, workdir)
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
@@ -173,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     check_batch_divides(int(config.data.batch_size), mesh)
 
     # ---- text: frozen tower on the host, or the trainable top layers' text table from the pipeline
-    text = make_text_side(config, mesh, batch_sharding)
+    text = make_text_side(config, mesh, batch_sharding, workdir)
     consts = jax.device_put(text.consts, replicated)
 
     # ---- data

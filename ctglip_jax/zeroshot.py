@@ -16,7 +16,9 @@ to it, so the model sees the scan through sliding windows of exactly the trainin
   voxel-count-weighted mean of the window embeddings (the projection is affine, so projecting the mean
   equals averaging the projections); then projected and normalised. Recognition: softmax over the 104
   organ prompts with the model's logit scale. Abnormality: the paired-prompt probability of
-  `AbnormalityEvaluator` for every finding in every organ of the mask where that finding can occur.
+  `AbnormalityEvaluator` for every finding in every organ of the mask where that finding can occur (phantom
+  runs); for runs on user data, per organ, its corpus dictionary's abnormal descriptions against its normal
+  statements ("any abnormality").
 
 Where the spacing comes from (in this order): an explicit `spacing`; `spacing` in the workdir config's
 `data` section; the training dataset's records when it is built here (field `spacing`); its builder config
@@ -135,11 +137,19 @@ def input_grid(path: str | Path, vol: ct.CTVolume) -> InputGrid:
 
 
 def prepare_scan(
-    ct_path: str | Path, mask_path: str | Path | None, spacing: Sequence[float], window: Sequence[float]
+    ct_path: str | Path,
+    mask_path: str | Path | None,
+    spacing: Sequence[float],
+    window: Sequence[float],
+    mask_version: str = "v1",
 ) -> PreparedScan:
-    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window."""
+    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window.
+    A TotalSegmentator v2 mask (`mask_version="v2"`) is converted to v1 ids first."""
+    if mask_version not in ("v1", "v2"):
+        raise CTGlipInputError("--mask-version", f"must be v1 or v2, got {mask_version!r}")
     vol = ct.load_ct(ct_path)
-    labels = ct.load_label_map(mask_path, reference=vol) if mask_path is not None else None
+    lut = organs.v2_to_v1_lut() if mask_version == "v2" else None
+    labels = ct.load_label_map(mask_path, reference=vol, lut=lut) if mask_path is not None else None
     grid = input_grid(ct_path, vol)
     resampled = ct.resample(vol, spacing, order=1)
     model_labels = None
@@ -274,7 +284,15 @@ class ScanInference:
         return out
 
     def abnormality(self, embeddings: np.ndarray, voxels: np.ndarray) -> dict[str, dict[str, float]]:
-        """{finding: {organ: P(present)}} for every finding and every organ of the mask it can occur in."""
+        """{finding: {organ: P(present)}} for every finding and every organ of the mask it can occur in.
+
+        A phantom run knows the phantom's finding catalogue. A run on user data knows only its own corpus
+        dictionary (`<workdir>/dictionary.json`): per organ, P(abnormal) of the pair (its abnormal
+        descriptions, its normal statements), under the key "any abnormality"; never the phantom's."""
+        from ctglip_jax import objective
+
+        if self.config.data.dataset != objective.SYNTHETIC_DATASET:
+            return self._dictionary_abnormality(embeddings, voxels)
         from ctglip_jax.data.findings import FINDINGS
         from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pair_probabilities
 
@@ -293,6 +311,34 @@ class ScanInference:
                     p = pair_probabilities(embeddings[oid - 1][None], *pairs[(finding.name, oid)], scale)
                     out.setdefault(finding.name, {})[organ] = float(p[0])
         return out
+
+
+    def _dictionary_abnormality(self, embeddings: np.ndarray, voxels: np.ndarray) -> dict[str, dict]:
+        from ctglip_jax import objective
+        from ctglip_jax.corpus_dictionary import load_dictionary
+        from ctglip_jax.evaluators.prompts import ensemble_embeddings
+        from ctglip_jax.evaluators.zeroshot_abnormality import pair_probabilities
+
+        path = Path(self.pretrained.workdir) / objective.DICTIONARY_FILE
+        if not path.is_file():
+            return {}
+        groups, names = [], []
+        present = voxels >= max(self.min_voxels, 1)
+        for organ, entries in load_dictionary(path)["organs"].items():
+            abnormal = [e["text"] for e in entries if e["abnormal"]][:8]
+            normal = [e["text"] for e in entries if not e["abnormal"]][:8]
+            if abnormal and normal and present[organs.organ_id(organ) - 1]:
+                groups += [abnormal, normal]
+                names.append(organ)
+        if not names:
+            return {}
+        vectors = ensemble_embeddings(self.encode_text, groups)
+        scale = float(np.asarray(self.zero_shot.logit_scale(self.params)))
+        out = {}
+        for i, organ in enumerate(names):
+            emb = embeddings[organs.organ_id(organ) - 1][None]
+            out[organ] = float(pair_probabilities(emb, vectors[2 * i], vectors[2 * i + 1], scale)[0])
+        return {"any abnormality": out}
 
 
 # ------------------------------------------------------------------------------------------ one command
@@ -315,6 +361,7 @@ def run_zeroshot(
     out_dir: str | Path,
     *,
     mask_path: str | Path | None = None,
+    mask_version: str = "v1",
     queries: Sequence[str] = (),
     step: int | None = None,
     spacing: Sequence[float] | None = None,
@@ -338,7 +385,7 @@ def run_zeroshot(
     chosen_step = checkpoint_step(workdir, step)
     spacing_out, spacing_source = training_spacing(config, spacing)
     window = tuple(float(w) for w in config.data.get("window", ct.DEFAULT_WINDOW))
-    scan = prepare_scan(ct_path, mask_path, spacing_out, window)  # input errors surface before any output
+    scan = prepare_scan(ct_path, mask_path, spacing_out, window, mask_version)  # input errors surface first
     progress(
         f"prepared {ct_path}: {scan.input.orientation} {list(scan.input.shape)} -> RAS+ "
         f"{list(scan.image.shape)} at {spacing_out} mm ({spacing_source}), HU window {window}"

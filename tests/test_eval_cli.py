@@ -54,10 +54,35 @@ def workdir(tmp_path_factory, tiny_bert_dir):
 
 @pytest.fixture(scope="module")
 def cli_run(workdir):
-    """`ctglip eval` once, with a batch size (3) that does not divide the 8 test cases."""
+    """`ctglip eval --centre-crop` once, with a batch size (3) that does not divide the 8 test cases."""
     out = workdir / "eval_out"
-    code = cli_main(["eval", "--workdir", str(workdir), "--out", str(out), "--batch-size", "3"])
+    args = ["--out", str(out), "--batch-size", "3", "--centre-crop"]
+    code = cli_main(["eval", "--workdir", str(workdir), *args])
     return code, out
+
+
+def test_whole_scan_is_the_default_and_sees_more_organs(workdir, cli_run, loaded):
+    """Default protocol: organs pooled over the whole stored volume, by sliding windows of the training crop;
+    per case it equals `ScanInference` (the `ctglip zeroshot` path) and finds organs the centre crop cuts."""
+    from ctglip_jax.zeroshot import ScanInference
+
+    out = workdir / "eval_whole"
+    assert cli_main(["eval", "--workdir", str(workdir), "--out", str(out), "--examples", "0"]) == 0
+    whole = json.loads((out / "eval.json").read_text())
+    centre = json.loads((cli_run[1] / "eval.json").read_text())
+    assert whole["protocol"] == "whole_scan" and centre["protocol"] == "centre_crop"
+    assert whole["crop_shape"] == centre["crop_shape"] == [16, 16, 16]
+    data = evaluation.EvaluationData(loaded.config, "test", max_cases=2)
+    assert whole["evaluated_shape"] == list(np.shape(data.source[0]["volume"]))
+    instances = lambda r: int(np.sum(r["organ_recognition"]["confusion_matrix"]))  # noqa: E731
+    assert instances(whole) > instances(centre)
+    embeddings = evaluation.organ_embeddings(loaded, data)
+    inference = ScanInference(loaded)
+    for i, example in enumerate(data.examples()):
+        emb, voxels = inference.organ_embeddings(example["image"], example["label_map"])
+        np.testing.assert_allclose(embeddings.embeddings[i], emb, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(embeddings.valid[i], voxels >= 8)
+    assert whole["retrieval"]["num_items"] >= centre["retrieval"]["num_items"]
 
 
 @pytest.fixture(scope="module")

@@ -188,7 +188,8 @@ def test_cli_bad_config_is_one_line(capsys, tmp_path):
 
 # Six losses of each frozen-text-tower run below, recorded with the code as it was before joint text training
 # (commit 63697f5) on the project's CPU machine; there the final parameters of both were also equal bit for
-# bit (sha256 of all leaves). The tolerance only admits another CPU's float rounding.
+# bit (sha256 of all leaves). The tolerance only admits another CPU's float rounding. Crop-aware labels
+# (added later, slots.hide_unseen_findings) change which slots carry abnormal text, so they are off here.
 FROZEN_TOWER_LOSSES = {
     "configs/ctglip_vit.py:runlocal": [9.578227996826172, 8.885335922241211, 9.735902786254883,
                                        9.659980773925781, 9.120546340942383, 9.183707237243652],
@@ -205,7 +206,7 @@ def test_frozen_text_tower_trains_as_before(synthetic_data_dir, tmp_path_factory
     if not bert_dir.exists():
         make_tiny_hf_bert(bert_dir, layers=1)
     config = load(synthetic_data_dir, bert_dir, spec, total_steps=6, checkpoint_every=0,
-                  **{"eval.every": 0, "text.trainable_layers": 0})
+                  **{"eval.every": 0, "text.trainable_layers": 0, "data.crop_aware_labels": False})
     result = train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
     assert "text_tower" not in result.state.params
     np.testing.assert_allclose(train_losses(result), FROZEN_TOWER_LOSSES[spec], rtol=2e-6)

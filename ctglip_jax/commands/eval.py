@@ -3,13 +3,21 @@
 Example:
     ctglip eval --workdir /tmp/ctglip_vit --evaluators organ,abnormality,retrieval
 
-Reads the held-out split (default `test`) of the dataset named in the workdir's config.json, every case,
-centre crops of the training crop size, and runs: zero-shot organ recognition (top-1/top-5, per organ,
-confusion matrix), zero-shot abnormality detection (paired prompts; AUC and F1 at the ROC-optimal
-threshold per finding, macro and weighted), organ text<->image retrieval (R@1/5/10). Writes
-`eval.json` (metrics + step, dataset, split, number of cases, seconds per stage), `roc_curves.png`,
-`organ_confusion.png` and `overlay_<case>.png` (organ mask and text-to-voxel heatmaps on CT slices) into
-<workdir>/eval/ or --out. Progress goes to stderr; the output folder is printed on stdout.
+Reads the held-out split (default `test`) of the dataset named in the workdir's config.json, every case.
+Each organ is pooled over the whole stored volume with sliding windows of the training crop
+(`--centre-crop`: inside one centre crop of that size, the protocol before, for comparison). Runs
+zero-shot organ recognition (top-1/top-5, per organ, confusion matrix), zero-shot abnormality detection
+(paired prompts; AUC and F1 at the ROC-optimal threshold per finding, macro and weighted) and organ
+text<->image retrieval (R@1/5/10). Writes `eval.json` (metrics + step, dataset, split, number of cases,
+protocol, seconds per stage), `roc_curves.png`, `organ_confusion.png` and `overlay_<case>.png` (organ mask
+and text-to-voxel heatmaps on CT slices) into <workdir>/eval/ or --out.
+
+Your own labels: `--labels FILE` scores abnormality detection on them (organ-level JSONL or CT-RATE's
+case-level CSV; `--findings SPEC.json` gives each finding's organs and prompts, else CT-RATE's 18 findings
+are mapped to organs by a built-in table, `evaluators/labels.py`), and adds `any_abnormality` (every labelled
+organ: abnormal or not) to eval.json. An unknown organ or finding in FILE is one error line naming the line
+number and the word, exit 2.
+Progress goes to stderr; the output folder is printed on stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +45,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases")
     parser.add_argument("--examples", type=int, default=2, help="number of example overlay figures")
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="score abnormality detection on your labels: organ-level JSONL "
+        '({"case_id": ..., "abnormal": {"<organ>": ["<finding>", ...]}} per line) or a CT-RATE-style '
+        "case-level CSV (VolumeName,<finding>,... with 0/1)",
+    )
+    parser.add_argument(
+        "--findings",
+        default=None,
+        help='SPEC.json {"<finding>": {"organs": [...], "present": [...], "absent": [...]}} for --labels '
+        "(default: CT-RATE's 18 findings for a CSV; the file's own findings for JSONL)",
+    )
+    parser.add_argument(
+        "--centre-crop",
+        action="store_true",
+        help="pool organs inside one centre crop of the training size (the protocol before whole-scan "
+        "evaluation, for comparison) instead of over the whole stored volume",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,9 +74,20 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     evaluators = evaluation.parse_evaluators(args.evaluators)  # fail on a typo before loading anything
+    labels = None
+    if args.findings and not args.labels:
+        from ctglip_jax.errors import CTGlipInputError
+
+        raise CTGlipInputError("--findings", "is the spec of --labels: give --labels FILE too")
+    if args.labels:  # a bad labels file fails here, before any model is loaded
+        from ctglip_jax.evaluators.labels import read_labels, read_spec
+
+        labels = read_labels(args.labels, read_spec(args.findings) if args.findings else None)
     config = pretrained.load_config(args.workdir)
     step = evaluation.checkpoint_step(args.workdir, args.step)
-    data = evaluation.EvaluationData(config, args.split, args.batch_size, args.max_cases)  # fail fast
+    data = evaluation.EvaluationData(  # fail fast
+        config, args.split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
+    )
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
     evaluation.progress_message(f"loading the model of {args.workdir} (step {step})")
     model = pretrained.load(args.workdir, step=step)
@@ -61,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         data=data,
         num_examples=args.examples,
         step=step,
+        labels=labels,
     )
     evaluation.progress_message(f"done in {time.perf_counter() - start:.1f} s")
     print(out)

@@ -6,9 +6,11 @@ Example:
 
 The scan goes through the training preprocessing (canonical RAS+, resampling to the training spacing, the
 configured HU window) and is covered by sliding windows of the training crop, so any scan size works.
-With --mask (TotalSegmentator v1 ids, same grid as the CT): per organ present, the top-5 organ names with
-probabilities, and per finding the probability that it is present in each organ of the mask where it can
-occur -> zeroshot.json. For every --query: `heatmap_NN_<query>.nii.gz`, the cosine similarity of every
+With --mask (TotalSegmentator v1 ids, or v2 with --mask-version v2; same grid as the CT): per organ
+present, the top-5 organ names with probabilities, and abnormality probabilities -> zeroshot.json: per
+finding of the phantom's catalogue for a phantom-trained model; for a model trained on your data, per organ
+the probability of "any abnormality" (its corpus dictionary's abnormal descriptions against its normal
+statements). For every --query: `heatmap_NN_<query>.nii.gz`, the cosine similarity of every
 voxel to the query on the INPUT scan's grid (same shape and affine: overlay it in any viewer), and a PNG
 with axial and coronal slices through its maximum. zeroshot.json's `report` states what was done.
 The training spacing is read from the workdir (data.spacing), else from the training dataset (its records
@@ -28,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workdir", required=True, help="a `ctglip train` workdir (config.json, checkpoints/)"
     )
     parser.add_argument("--ct", required=True, help="CT volume: .nii, .nii.gz or a DICOM series folder")
-    parser.add_argument("--mask", default=None, help="TotalSegmentator-v1 label map on the CT's grid")
+    parser.add_argument("--mask", default=None, help="TotalSegmentator label map on the CT's grid")
+    parser.add_argument(
+        "--mask-version",
+        choices=("v1", "v2"),
+        default="v1",
+        help="which TotalSegmentator made --mask (v2 is converted to the model's v1 vocabulary)",
+    )
     parser.add_argument(
         "--query",
         action="append",
@@ -59,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         args.ct,
         args.out,
         mask_path=args.mask,
+        mask_version=args.mask_version,
         queries=args.query,
         step=args.step,
         spacing=args.spacing,

@@ -274,8 +274,10 @@ def load_ct(path, *, spacing: Sequence[float] | float | None = None) -> CTVolume
     return CTVolume(_scale(data, stored.slope, stored.inter), affine, stored.source, orient)
 
 
-def _check_ids(values: np.ndarray, source: str) -> np.ndarray:
-    """Label values as int16 ids in 0..104, or UnknownLabelError naming the offenders."""
+def _check_ids(
+    values: np.ndarray, source: str, high: int = organs.NUM_CLASSES, what: str = "TotalSegmentator v1 ids"
+) -> np.ndarray:
+    """Label values as int16 ids in 0..high (default 104), or UnknownLabelError naming the offenders."""
     if values.dtype.kind == "f":
         if not np.all(np.isfinite(values)):
             raise UnknownLabelError(source, "label map holds NaN/Inf values")
@@ -283,13 +285,10 @@ def _check_ids(values: np.ndarray, source: str) -> np.ndarray:
             frac = values[values != np.round(values)]
             raise UnknownLabelError(source, f"label map holds non-integer values, e.g. {float(frac[0])}")
     lo, hi = values.min(), values.max()
-    if lo < 0 or hi > organs.NUM_CLASSES:
-        bad = np.unique(values[(values < 0) | (values > organs.NUM_CLASSES)])
+    if lo < 0 or hi > high:
+        bad = np.unique(values[(values < 0) | (values > high)])
         shown = ", ".join(str(int(v)) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
-        raise UnknownLabelError(
-            source,
-            f"label ids outside the vocabulary 0..{organs.NUM_CLASSES}: {shown} (TotalSegmentator v1 ids)",
-        )
+        raise UnknownLabelError(source, f"label ids outside the vocabulary 0..{high}: {shown} ({what})")
     return values.astype(np.int16)
 
 
@@ -312,17 +311,23 @@ def _check_same_grid(vol: CTVolume, reference: CTVolume, atol_mm: float) -> None
         )
 
 
-def load_label_map(path, reference: CTVolume | None = None, *, atol_mm: float = 1e-3) -> CTVolume:
+def load_label_map(
+    path, reference: CTVolume | None = None, *, atol_mm: float = 1e-3, lut: Sequence[int] | None = None
+) -> CTVolume:
     """Load a TotalSegmentator-v1 label map (int16 ids 0..104) in canonical RAS+ order.
 
     With `reference`, checks that it lies on the same voxel grid: same canonical shape, and the affines
     put every corner voxel centre within `atol_mm` of each other (so a map stored in another axis order
-    than its image is fine).
+    than its image is fine). With `lut` (e.g. `organs.v2_to_v1_lut()` for a TotalSegmentator v2 map), the
+    stored ids are mapped through it first; ids beyond the table raise UnknownLabelError.
     """
     stored = _read_any(path)
     values = stored.raw
     if (stored.slope, stored.inter) != (1.0, 0.0):
         values = values * stored.slope + stored.inter
+    if lut is not None:
+        table = np.asarray(lut, np.int16)
+        values = table[_check_ids(values, stored.source, len(table) - 1, "ids of the given look-up table")]
     ids = _check_ids(values, stored.source)
     view, affine = _canonical(dataclasses.replace(stored, raw=ids))
     vol = CTVolume(view, affine, stored.source, "".join(nib.aff2axcodes(stored.affine)))

@@ -127,12 +127,18 @@ def config_names(name: str) -> list[str]:
 
 
 def make_builder(name: str, config: str | None = None, data_dir: str | None = None):
-    """An array_record builder of dataset `name`/`config` under `data_dir` (default `default_data_dir()`)."""
+    """An array_record builder of dataset `name`/`config` under `data_dir` (default `default_data_dir()`).
+
+    `config` is a preset name or, where the builder parses names (`ctglip_nifti`, `msd_tumor`), a config
+    named from its grid (`grid_1.5x1.5x3_224x224x128_m10`); a malformed grid name raises ConfigError.
+    """
     cls = builder_class(name)
     names = [c.name for c in cls.BUILDER_CONFIGS]
     config = config or names[0]
-    if config not in names:
-        raise ConfigError("<dataset>", f"{name} has no config {config!r}; choose one of {', '.join(names)}")
+    if config not in names and cls.get_builder_config(config) is None:
+        hint = f" {cls.CONFIG_NAME_HINT}" if getattr(cls, "CONFIG_NAME_HINT", "") else ""
+        problem = f"{name} has no config {config!r}; choose one of {', '.join(names)}{hint}"
+        raise ConfigError("<dataset>", problem)
     return cls(config=config, data_dir=data_dir or default_data_dir(), file_format="array_record")
 
 
@@ -159,13 +165,27 @@ class BuildSummary:
 
 
 def build(
-    name: str, config: str | None = None, data_dir: str | None = None, manual_dir: str | None = None
+    name: str,
+    config: str | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+    source: Any = None,
 ) -> BuildSummary:
-    """Build (if missing) and summarise. Problems with user files raise `CTGlipInputError`."""
+    """Build (if missing) and summarise. Problems with user files raise `CTGlipInputError`.
+
+    `source` (e.g. `tfds_builders.ctglip_nifti.NiftiSource`) tells a builder with a `source` attribute how
+    to read `manual_dir` (the CT-RATE layout, TotalSegmentator v2 masks); it is set on the builder before
+    `download_and_prepare`. It does not name the dataset: an existing build is reused as it is.
+    """
     import tensorflow_datasets as tfds
 
     start = time.perf_counter()
     builder = make_builder(name, config, data_dir)
+    if source is not None:
+        if not hasattr(type(builder), "source"):
+            problem = f"{name} takes no source options (--reports-csv, --mask-version, ...)"
+            raise ConfigError("<dataset>", problem)
+        builder.source = source
     reused = builder.is_prepared()
     if not reused:
         if manual_dir is not None and not Path(manual_dir).is_dir():
@@ -195,6 +215,7 @@ def data_source(
     data_dir: str | None = None,
     build_if_missing: bool = False,
     manual_dir: str | None = None,
+    source: Any = None,
 ):
     """Random-access records of one split (a TFDS ArrayRecordDataSource; records decode to numpy/bytes)."""
     builder = make_builder(name, config, data_dir)
@@ -206,7 +227,7 @@ def data_source(
                 f"dataset {name}/{cfg_name} is not built; run "
                 f"`ctglip build-data {name} --config {cfg_name} --data-dir {data_dir or default_data_dir()}`",
             )
-        build(name, config, data_dir, manual_dir)
+        build(name, config, data_dir, manual_dir, source)
         builder = make_builder(name, config, data_dir)
     if split not in builder.info.splits:
         raise ConfigError(

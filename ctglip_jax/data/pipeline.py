@@ -37,7 +37,7 @@ from ctglip_jax.data.augment import DEFAULT_WINDOW, AugmentConfig, augment
 from ctglip_jax.errors import ConfigError
 
 Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
-LABEL_KEYS = ("label_map", "tumor_mask", "label")  # voxel-aligned with the volume: cropped the same way
+LABEL_KEYS = ("label_map", "tumor_mask", "label", "lesion_map")  # voxel-aligned: cropped like the volume
 PASS_KEYS = ("finding_labels", "finding_organ", "has_tumor", "organ_abnormal")
 HOST_KEYS = ("slot_text", "report", "case_id")
 STATE_VERSION = 1
@@ -60,6 +60,7 @@ class PipelineConfig:
     hu_shift_jitter: float = 20.0
     window: tuple[float, float] = DEFAULT_WINDOW
     foreground_fraction: float = 0.0  # share of random crops centred on a tumor_mask voxel (fine-tuning)
+    crop_aware_labels: bool = True  # drop abnormal flags whose lesion is outside the crop (slots.py)
     seed: int = 0
     shuffle: bool = True
     random_augment: bool = True  # False: centre crop, no flips/jitter, slots ordered by id (evaluation)
@@ -122,11 +123,18 @@ class RecordTransform:
                 out[key] = value.astype(np.int32) if value.dtype == np.int64 else value  # no x64 on device
         out["case_id"] = _text(record.get("case_id", ""))
         if "label_map" in labels and "organ_abnormal" in record:
+            flags, texts = record["organ_abnormal"], record["organ_text"]
+            if self.cfg.crop_aware_labels and "lesion_map" in labels and "finding_organ" in record:
+                flags = slots.hide_unseen_findings(
+                    flags, record["finding_organ"], record["lesion_map"], labels["lesion_map"]
+                )
+                hidden = np.flatnonzero(flags != np.asarray(record["organ_abnormal"]))
+                texts = [("" if i in hidden else t) for i, t in enumerate(texts)]
             out.update(
                 slots.choose_slots(
                     labels["label_map"],
-                    record["organ_abnormal"],
-                    record["organ_text"],
+                    flags,
+                    texts,
                     self.cfg.num_slots,
                     self.cfg.min_organ_voxels,
                     rng,
@@ -135,6 +143,7 @@ class RecordTransform:
             if self.tokenize is not None:
                 ids, mask = self.tokenize(list(out["slot_text"]))
                 out["slot_text_ids"], out["slot_text_mask"] = np.asarray(ids), np.asarray(mask)
+        out.pop("lesion_map", None)  # only decides the slot flags above; never a model input
         if "report" in record:
             out["report"] = _text(record["report"])
             if self.tokenize_report is not None:

@@ -370,3 +370,20 @@ def parse_report(text: str, *, source: object = "<report>") -> dict[str, OrganFi
         raise ReportError(source, "report names no organ of the 104-class vocabulary")
     names = organs.v1_names()
     return {names[i]: OrganFinding(" ".join(texts[i]), abnormal[i]) for i in sorted(texts)}
+
+
+def organ_sentences(text: str) -> list[tuple[str, str, bool]]:
+    """Report text -> [(v1 organ name, sentence, abnormal)], sentence by sentence in report order.
+
+    The same rules as `parse_report` (sections, headers, negation), kept per sentence instead of joined per
+    organ: a sentence naming two organs gives one item per organ (v1 id order), each with its own flag. An
+    empty report, or one naming no known organ, gives [] (no error: a corpus skips it).
+    """
+    if not text or not text.strip():
+        return []
+    names = organs.v1_names()
+    out = []
+    for sentence in _segments(text):
+        flags = sentence_flags(sentence.text, sentence.header_ids)
+        out.extend((names[i], sentence.text, flags[i]) for i in sorted(flags))
+    return out

@@ -8,6 +8,13 @@ Which organs fill the K slots when more are visible (a seeded rule, so a resumed
 organs the report calls abnormal first (they are rare and carry the findings signal), then organs it calls
 normal, then organs it does not mention (still useful for organ-name alignment); random order within each
 tier. Unused slots have id 0, `slot_valid` False, flag -1 and text ''.
+
+Crop-aware labels (`hide_unseen_findings`): where the data says where each finding lies (the phantom's
+`lesion_map`), an organ whose every finding is localized (a nodule, a stone, a cyst) and lies outside the
+crop keeps its place as an organ but loses its abnormal sentence: its flag becomes -1 (not known from this
+crop) rather than 1, so the abnormality term never pairs a crop that cannot show a lesion with the lesion's
+description. Organ-wide findings (steatosis, enlargement) are seen wherever the organ is. User data has
+organ-level labels only (no lesion positions): its slots keep the report's flags.
 """
 
 from __future__ import annotations
@@ -63,6 +70,27 @@ def choose_slots(
         "slot_voxels": slot_voxels,
         "slot_text": slot_text,
     }
+
+
+def hide_unseen_findings(
+    organ_abnormal: np.ndarray, finding_organ: np.ndarray, lesions_whole: np.ndarray, lesions_crop: np.ndarray
+) -> np.ndarray:
+    """`organ_abnormal` (104,) with -1 for organs whose findings are all localized and all outside the crop.
+
+    `finding_organ` (F,): the v1 id holding each catalogue finding (0 = absent); `lesions_*`: the lesion map
+    (1 + finding index per voxel) of the whole volume and of the crop. A finding drawn nowhere in the whole
+    map is organ-wide (or too small to draw) and counts as seen.
+    """
+    flags = np.array(organ_abnormal, np.int8, copy=True)
+    finding_organ = np.asarray(finding_organ)
+    size = len(finding_organ) + 1
+    drawn = np.bincount(np.asarray(lesions_whole, np.int64).ravel(), minlength=size)[1:size] > 0
+    seen = np.bincount(np.asarray(lesions_crop, np.int64).ravel(), minlength=size)[1:size] > 0
+    for organ_id in np.unique(finding_organ[finding_organ > 0]):
+        mine = finding_organ == organ_id
+        if flags[organ_id - 1] == 1 and drawn[mine].all() and not seen[mine].any():
+            flags[organ_id - 1] = -1
+    return flags
 
 
 def _as_str(value) -> str:

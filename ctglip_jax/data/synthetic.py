@@ -136,6 +136,10 @@ class SyntheticCase:
     abnormal: dict[str, bool]
     findings: list[dict]
     tumor_mask: np.ndarray  # uint8
+    # uint8: 1 + catalogue index (`findings.FINDINGS`) of the localized finding drawn at each voxel (focal,
+    # fluid, wall); 0 elsewhere. Organ-wide findings (diffuse, enlargement) are not marked: they are seen
+    # wherever their organ is. Lets training tell whether a crop shows the finding its report names.
+    lesion_map: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 0, 0), np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -548,8 +552,9 @@ def _organ_box(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
 
 
-def _render_finding(cv: _Canvas, fd: dict, base: dict, tumor: np.ndarray, rng) -> None:
+def _render_finding(cv: _Canvas, fd: dict, base: dict, tumor: np.ndarray, lesions: np.ndarray, rng) -> None:
     f = fcat.FINDINGS_BY_NAME[fd["name"]]
+    mark = _CATALOGUE_INDEX[f.name] + 1
     oid = organs.organ_id(fd["organ"])
     organ_mask = cv.label == oid
     if not organ_mask.any():
@@ -574,6 +579,7 @@ def _render_finding(cv: _Canvas, fd: dict, base: dict, tumor: np.ndarray, rng) -
             edt = ndimage.distance_transform_edt(np.pad(om, 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
             m = om & (edt <= fd["size_mm"])
         cv.hu[box][m] = f.hu + rng.uniform(-5, 5)
+        lesions[box][m] = mark
         fd["n_voxels"] = int(m.sum())
         fd["center_vox"] = (
             [int(s.start + np.mean(i)) for s, i in zip(box, np.nonzero(m), strict=True)] if m.any() else None
@@ -616,6 +622,7 @@ def _render_finding(cv: _Canvas, fd: dict, base: dict, tumor: np.ndarray, rng) -
     value = base.get(fd["organ"], 40.0) + f.hu if f.hu_relative else f.hu
     cv.hu[sl][m] = value + rng.uniform(-5, 5)
     cv.label[sl][m] = oid
+    lesions[sl][m] = mark
     if f.is_tumor:
         tumor[sl][m] = 1
     fd["center_vox"] = [int(c) for c in center]
@@ -673,8 +680,9 @@ def generate_case(seed: int, config: PhantomConfig, *, render: bool = True) -> S
     cv.hu[colon & (loops > 0.1)] = -900  # gas in the colon
 
     tumor = np.zeros(cv.shape, np.uint8)
+    lesions = np.zeros(cv.shape, np.uint8)
     for fd in chosen:
-        _render_finding(cv, fd, base, tumor, rng_place)
+        _render_finding(cv, fd, base, tumor, lesions, rng_place)
 
     hu = cv.hu
     if config.blur_vox > 0:
@@ -683,8 +691,9 @@ def generate_case(seed: int, config: PhantomConfig, *, render: bool = True) -> S
     hu += rng_noise.normal(0, config.noise_hu, cv.shape).astype(np.float32)
     volume = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     return SyntheticCase(
-        volume, cv.label, config.affine(), spacing, report, organ_texts, abnormal, chosen, tumor
+        volume, cv.label, config.affine(), spacing, report, organ_texts, abnormal, chosen, tumor, lesions
     )
 
 
 PHANTOM_ORGANS = fcat.PHANTOM_ORGANS
+_CATALOGUE_INDEX = {f.name: i for i, f in enumerate(fcat.FINDINGS)}

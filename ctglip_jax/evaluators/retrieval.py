@@ -82,8 +82,35 @@ class RetrievalEvaluator:
                 texts.append(text)
         return (np.stack(embeddings) if embeddings else np.zeros((0, 0), np.float32)), texts
 
+    def collect_from_embeddings(self, data) -> tuple[np.ndarray, list[str]]:
+        """The same gallery from already pooled `OrganEmbeddings` (e.g. whole-scan): each case's organ
+        slots (`slot_organ`, `slot_text` carried in its extras) that are valid there."""
+        if "slot_organ" not in data.extras:
+            raise ConfigError("retrieval", "the organ embeddings carry no organ slots")
+        names = organs.v1_names()
+        embeddings, texts = [], []
+        slot_text = data.extras.get("slot_text")
+        for b, k in zip(*np.nonzero(np.asarray(data.extras["slot_organ"]) > 0), strict=True):
+            organ_id = int(data.extras["slot_organ"][b, k])
+            if not data.valid[b, organ_id - 1]:
+                continue
+            if self.texts == "report":
+                text = "" if slot_text is None else str(slot_text[b, k])
+                if not text.strip():
+                    continue
+            else:
+                text = self.template.format(organ=organs.readable_name(names[organ_id]))
+            embeddings.append(data.embeddings[b, organ_id - 1])
+            texts.append(text)
+        return (np.stack(embeddings) if embeddings else np.zeros((0, 0), np.float32)), texts
+
+    def run_on_embeddings(self, params: Any, data) -> dict[str, Any]:
+        return self._score(params, *self.collect_from_embeddings(data))
+
     def run(self, params: Any, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-        image_emb, texts = self.collect(params, batches)
+        return self._score(params, *self.collect(params, batches))
+
+    def _score(self, params: Any, image_emb: np.ndarray, texts: list[str]) -> dict[str, Any]:
         if not texts:
             raise ConfigError("retrieval", "no organ slot with a text in the evaluation data")
         encoder = TextEncoder(self.model.text_features, self.model.project_text, params)

@@ -31,7 +31,9 @@ from ctglip_jax.evaluators.prompts import (
 
 NUM_ORGANS = organs.NUM_CLASSES
 # Per-case keys carried along with the embeddings (labels for the abnormality evaluator, ids for reports).
-CARRIED_KEYS = ("finding_organ", "finding_labels", "organ_abnormal", "case_id", "has_tumor")
+CARRIED_KEYS = (
+    "finding_organ", "finding_labels", "organ_abnormal", "case_id", "has_tumor", "slot_organ", "slot_text"
+)
 
 
 @dataclasses.dataclass

@@ -1,18 +1,34 @@
-"""`ctglip_nifti`: the user's own CTs, TotalSegmentator v1 label maps and reports, from a manifest.
+"""`ctglip_nifti`: the user's own CTs, TotalSegmentator label maps and reports, in one of two layouts.
 
-Put a `cases.jsonl` in a folder (the TFDS `manual_dir`), one JSON object per line:
+**Manifest layout** (default): a `cases.jsonl` in the folder (the TFDS `manual_dir`), one JSON object per
+line:
 
     {"case_id": "p001", "ct": "ct/p001.nii.gz", "mask": "seg/p001.nii.gz",
      "report": "reports/p001.txt", "split": "train"}
 
 Paths are relative to the manifest. `report` is either the report text itself or the path of a `.txt`
-file; `split` is one of train / validation / test (keep a patient's scans in one split). Organ-level texts
-and abnormal flags come from `ctglip_jax.data.reports.parse_report`.
+file; `split` is one of train / validation / test (keep a patient's scans in one split). Masks are
+TotalSegmentator v1 label maps; with `--mask-version v2` they are converted to v1 ids (and a mask that is a
+folder is read as TotalSegmentator's per-class masks).
 
-A broken case (unreadable or corrupt file, mask not matching its CT, missing report, wrong path, ...) is
-skipped, not fatal: the build goes on, and the skipped cases with their reasons are written to
-`skipped.json` in the dataset folder and printed by `ctglip build-data`. A manifest with no usable case is
-an error naming the manifest.
+**CT-RATE layout** (`--reports-csv PATH[:SPLIT]`, repeatable): reports CSV(s) with a `VolumeName` column
+and report text columns, volumes found by name anywhere under the folder, TotalSegmentator masks in
+`--mask-dir` (`--mask-version v1|v2` required). For CT-RATE itself:
+
+    ctglip build-data ctglip_nifti --manual-dir CT-RATE --mask-dir seg --mask-version v2 \\
+        --reports-csv train_reports.csv:train --reports-csv validation_reports.csv:test
+
+(details in `ctrate.py`). Giving `--reports-csv` for a folder that holds a `cases.jsonl` is an error.
+
+Organ-level texts and abnormal flags come from `ctglip_jax.data.reports.parse_report`. Configs set the
+grid: `default` (1.5 x 1.5 x 3 mm, 224 x 224 x 128), `coarse` (3 mm, 128^3), `tiny` (tests), or your own,
+named from its values: `grid_1.5x1.5x3_224x224x128_m10` (`--spacing`, `--shape`, `--body-margin`; see
+`grid.py`); such a name reads back anywhere a config name is taken.
+
+A broken case (unreadable or corrupt file, mask not matching its CT, missing mask/volume/report, wrong
+path, ...) is skipped, not fatal: the build goes on, and the skipped cases with their reasons are written
+to `skipped.json` in the dataset folder and printed by `ctglip build-data`. A layout with no usable case is
+an error naming the manifest (or the CSVs).
 """
 
 from __future__ import annotations
@@ -25,11 +41,12 @@ import tensorflow_datasets as tfds
 
 from ctglip_jax.data import datasets
 from ctglip_jax.errors import CTGlipInputError
+from tfds_builders.ctglip_nifti import ctrate, grid, masks
 from tfds_builders.ctglip_nifti.preprocess import Preprocess, preprocess_case
 from tfds_builders.ctglip_nifti.skipping import SkipsBrokenCases
+from tfds_builders.ctglip_nifti.source import SPLITS, Case, NiftiSource, resolve
 
 MANIFEST = "cases.jsonl"
-SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass
@@ -37,15 +54,6 @@ class NiftiConfig(tfds.core.BuilderConfig):
     """Preprocessing of the user's volumes (see `preprocess.Preprocess`)."""
 
     preprocess: Preprocess = dataclasses.field(default_factory=Preprocess)
-
-
-@dataclasses.dataclass
-class Case:
-    case_id: str
-    ct: Path
-    mask: Path
-    report: str
-    split: str
 
 
 def resolve_report(value, base: Path, case_id: str) -> str:
@@ -67,7 +75,8 @@ def read_manifest(manual_dir: Path) -> tuple[list[Case], list[dict[str, str]]]:
     """(cases that pass the cheap checks, skipped [{case_id, reason}]); a missing manifest raises."""
     path = manual_dir / MANIFEST
     if not path.is_file():
-        raise CTGlipInputError(path, "manifest not found: put a cases.jsonl in the manual dir")
+        problem = "manifest not found: put a cases.jsonl in the manual dir, or give --reports-csv (CT-RATE)"
+        raise CTGlipInputError(path, problem)
     cases, skipped, seen = [], [], set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -105,7 +114,10 @@ def read_manifest(manual_dir: Path) -> tuple[list[Case], list[dict[str, str]]]:
 
 
 class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
-    """The user's NIfTI CTs + TotalSegmentator v1 label maps + reports, preprocessed to one grid."""
+    """The user's NIfTI CTs + TotalSegmentator label maps + reports, preprocessed to one grid.
+
+    `source` says where and how the files are read (`datasets.build(..., source=...)` sets it).
+    """
 
     name = "ctglip_nifti"
     VERSION = tfds.core.Version("1.0.0")
@@ -119,6 +131,18 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
         NiftiConfig(name="tiny", description="Tests: 4 mm isotropic, 16^3 voxels.",
                     preprocess=Preprocess(spacing=(4.0, 4.0, 4.0), shape=(16, 16, 16), body_margin_mm=4.0)),
     ]
+    CONFIG_NAME_HINT = f"or a grid: {grid.FORMAT}"
+    source: NiftiSource = NiftiSource()
+
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> NiftiConfig | None:
+        """A preset, or a config parsed from a `grid_...` name (malformed: ConfigError); else None."""
+        config = super().get_builder_config(name, version)
+        parsed = grid.parse_grid_name(name) if config is None else None
+        if parsed is not None:
+            canonical, preprocess = parsed
+            config = NiftiConfig(name=canonical, description=grid.describe(preprocess), preprocess=preprocess)
+        return config
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -136,10 +160,21 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = Path(dl_manager.manual_dir)
-        cases, skipped = read_manifest(manual_dir)
+        if self.source.ctrate:
+            if (manual_dir / MANIFEST).exists():
+                raise CTGlipInputError(
+                    manual_dir / MANIFEST,
+                    "the manual dir holds a manifest and --reports-csv was given: use one layout "
+                    "(drop --reports-csv, or move the cases.jsonl away)",
+                )
+            cases, skipped = ctrate.read_cases(manual_dir, self.source)
+            where = ", ".join(str(resolve(manual_dir, c.path)) for c in self.source.reports_csvs)
+        else:
+            cases, skipped = read_manifest(manual_dir)
+            where = manual_dir / MANIFEST
         for s in skipped:
             self.skip(**s)
-        cases = self.usable_cases(cases, lambda c: c.case_id, manual_dir / MANIFEST)
+        cases = self.usable_cases(cases, lambda c: c.case_id, where)
         by_split = {split: [c for c in cases if c.split == split] for split in SPLITS}
         return {split: self._generate_examples(group) for split, group in by_split.items() if group}
 
@@ -147,10 +182,12 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
         from ctglip_jax.data.reports import parse_report
 
         cfg = self.builder_config.preprocess
+        version = self.source.mask_version
+        load_labels = masks.label_loader(version) if version else None
         for case in cases:
             try:
                 parsed = parse_report(case.report, source=case.case_id)
-                arrays = preprocess_case(case.ct, case.mask, cfg)
+                arrays = preprocess_case(case.ct, case.mask, cfg, load_labels)
                 label_map = datasets.as_label_map(arrays["labels"], source=case.mask)
             except CTGlipInputError as e:
                 self.skip(case.case_id, str(e))
@@ -165,4 +202,4 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
             }
 
 
-__all__ = ["Builder", "NiftiConfig", "Preprocess"]
+__all__ = ["Builder", "Case", "NiftiConfig", "NiftiSource", "Preprocess"]

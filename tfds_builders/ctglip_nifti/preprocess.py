@@ -58,12 +58,16 @@ def fixed_shape_around_body(
     return hu, labels, affine @ shift
 
 
-def preprocess_case(ct_path, mask_path, cfg: Preprocess) -> dict[str, np.ndarray]:
-    """{volume int16, labels (int as stored), spacing, affine} on the common grid; raises CTGlipInputError."""
+def preprocess_case(ct_path, mask_path, cfg: Preprocess, load_labels=None) -> dict[str, np.ndarray]:
+    """{volume int16, labels (int as stored), spacing, affine} on the common grid; raises CTGlipInputError.
+
+    `load_labels(mask_path, reference=image) -> CTVolume` reads the label map (default
+    `ct.load_label_map`; `masks.label_loader` converts TotalSegmentator v2 maps and per-class folders).
+    """
     from ctglip_jax.data import ct
 
     image = ct.load_ct(ct_path)
-    labels = ct.load_label_map(mask_path, reference=image)
+    labels = (load_labels or ct.load_label_map)(mask_path, reference=image)
     image = ct.resample(image, cfg.spacing, order=1)
     labels = ct.resample(labels, cfg.spacing, order=0)
     spacing = np.asarray(cfg.spacing, np.float64)

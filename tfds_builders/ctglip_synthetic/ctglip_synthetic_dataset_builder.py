@@ -47,8 +47,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Synthetic CT-report pairs; `tiny` for tests, `small` for the demo, `medium`/`large` for real runs."""
 
     name = "ctglip_synthetic"
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "finding_organ (each finding's organ); tiny 32/8/8."}
+    VERSION = tfds.core.Version("1.2.0")
+    RELEASE_NOTES = {
+        "1.0.0": "First release.",
+        "1.1.0": "finding_organ (each finding's organ); tiny 32/8/8.",
+        "1.2.0": "lesion_map (where each localized finding is drawn): crop-aware abnormal labels.",
+    }
     # Record i is case i of its split: the pipeline shuffles, and a stable order makes builds diffable.
     BUILDER_CONFIGS = [
         SyntheticConfig(name="tiny", description="Test size: 48 tiny phantoms.", preset="tiny",
@@ -82,6 +86,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                     "case_id": tfds.features.Text(),
                     **datasets.volume_features(shape),
                     "tumor_mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
+                    # 1 + catalogue index of the localized finding drawn at each voxel (0: none).
+                    "lesion_map": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
                     "finding_labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int8),
                     # v1 id of the organ holding each finding (0 = absent): organ-level AD labels.
                     "finding_organ": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int16),
@@ -124,6 +130,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 "spacing": np.asarray(case.spacing, np.float32),
                 "affine": np.asarray(case.affine, np.float32),
                 "tumor_mask": np.asarray(case.tumor_mask, np.uint8),
+                "lesion_map": np.asarray(case.lesion_map, np.uint8),
                 "finding_labels": labels,
                 "finding_organ": finding_organ,
                 **datasets.organ_report_arrays(case.report, case.organ_texts, case.abnormal),

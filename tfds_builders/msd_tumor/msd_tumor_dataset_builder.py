@@ -12,6 +12,10 @@ a seeded permutation (fractions in the config). Which label values mean "tumor" 
 `tumor_labels=()` counts every label > 0. Each record holds the preprocessed volume (same preprocessing as
 `ctglip_nifti`), the task's label map, the binary `tumor_mask` and the per-case detection label
 `has_tumor`. Broken cases are skipped and listed in `skipped.json`, as in `ctglip_nifti`.
+
+Besides the presets, a config may be named from its grid (`ctglip build-data msd_tumor --spacing X,Y,Z
+--shape X,Y,Z [--config PRESET]`): `grid_1.5x1.5x3_224x224x128_m10` is the `default` preset on that grid,
+`liver_grid_...` the `liver` preset (its tumor labels and split) on it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ctglip_jax.errors import CTGlipInputError
+from ctglip_jax.errors import ConfigError, CTGlipInputError
+from tfds_builders.ctglip_nifti import grid
 from tfds_builders.ctglip_nifti.preprocess import Preprocess, preprocess_case
 from tfds_builders.ctglip_nifti.skipping import SkipsBrokenCases
 
@@ -89,6 +94,25 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
                   preprocess=Preprocess(spacing=(4.0, 4.0, 4.0), shape=(16, 16, 16), body_margin_mm=4.0),
                   validation_fraction=0.2, test_fraction=0.2),
     ]
+    GRID_FORMAT = f"[PRESET_]{grid.FORMAT}"
+    CONFIG_NAME_HINT = f"or a grid: {GRID_FORMAT}"
+
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> MSDConfig | None:
+        """A preset, or `[PRESET_]grid_...`: that preset (default: `default`) on the grid in the name."""
+        config = super().get_builder_config(name, version)
+        if config is not None or grid.PREFIX not in name:
+            return config
+        preset, _, rest = name.rpartition(grid.PREFIX)
+        base = None
+        if not preset or preset.endswith("_"):
+            base = super().get_builder_config(preset[:-1] or "default", version)
+        if base is None:
+            raise ConfigError(name, f"malformed grid config name; the format is {cls.GRID_FORMAT}")
+        canonical, preprocess = grid.parse_grid_name(grid.PREFIX + rest)
+        canonical = preset + canonical
+        return dataclasses.replace(base, name=canonical, description=grid.describe(preprocess),
+                                   preprocess=preprocess)
 
     def _info(self) -> tfds.core.DatasetInfo:
         shape = tuple(self.builder_config.preprocess.shape)

@@ -1,0 +1,128 @@
+"""What evaluation reads: every record of a split once (the last batch partial), and the organ embeddings
+of those cases, pooled over the whole stored volume or inside one centre crop.
+
+Whole-scan (the default): each organ is pooled over the *whole* stored volume with sliding windows of the
+training crop (`zeroshot.ScanInference`, as `ctglip zeroshot` does on a user's scan): on real-size scans a
+centre crop of the training size holds only the organs near the middle, so the others (the lungs of a
+whole-body scan) would never be evaluated. Centre crop (`whole_scan=False`, `ctglip eval --centre-crop`):
+one crop of the training size in the middle of the volume, the protocol before whole-scan evaluation, kept
+for comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from ctglip_jax.errors import ConfigError
+
+EXAMPLE_KEYS = ("image", "label_map", "tumor_mask", "finding_labels", "case_id")
+
+
+@dataclasses.dataclass
+class EvaluationData:
+    """Every record of one split as fixed-size batches (the last one partial), re-iterable.
+
+    `whole_scan`: examples are the whole stored volumes (windowed like training, not cropped), organ slots
+    chosen over the whole label map; else centre crops of the training crop size.
+    """
+
+    config: Any  # the workdir's ml_collections config
+    split: str = "test"
+    batch_size: int | None = None
+    max_cases: int | None = None
+    whole_scan: bool = True
+
+    def __post_init__(self) -> None:
+        from ctglip_jax.data import datasets
+        from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform
+
+        values = {
+            **self.config.data.to_dict(),
+            "split": self.split,
+            "shuffle": False,
+            "random_augment": False,
+            "num_epochs": 1,
+            "build_if_missing": False,
+        }
+        values["data_dir"] = values.get("data_dir") or None
+        values.pop("spacing", None)  # zero-shot inference's record of the training grid, not a pipeline field
+        self.training_crop = tuple(int(s) for s in values["crop_shape"])
+        cfg = PipelineConfig.from_mapping(values)
+        self.source = datasets.data_source(cfg.dataset, cfg.config, cfg.split, cfg.data_dir)
+        self.num_cases = len(self.source) if self.max_cases is None else min(len(self.source), self.max_cases)
+        if self.num_cases == 0:
+            raise ConfigError(f"{cfg.dataset}/{cfg.config}:{cfg.split}", "the split holds no records")
+        first = self.source[0]
+        self.record_keys = frozenset(first)
+        if self.whole_scan and "volume" in first:  # a "crop" of the stored size keeps the whole volume
+            cfg = dataclasses.replace(cfg, crop_shape=tuple(int(s) for s in np.shape(first["volume"])))
+        self.pipeline_config = cfg
+        self.transform = RecordTransform(cfg, None, None)
+        self.batch_size = int(self.batch_size or cfg.batch_size)
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size", f"must be >= 1, got {self.batch_size}")
+
+    @property
+    def name(self) -> str:
+        c = self.pipeline_config
+        return f"{c.dataset}/{c.config}:{c.split}"
+
+    @property
+    def protocol(self) -> str:
+        return "whole_scan" if self.whole_scan else "centre_crop"
+
+    def examples(self) -> Iterator[dict[str, Any]]:
+        for index in range(self.num_cases):
+            yield self.transform(self.source[index], None)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        from ctglip_jax.data.pipeline import stack_examples
+
+        chunk: list[dict[str, Any]] = []
+        for example in self.examples():
+            chunk.append(example)
+            if len(chunk) == self.batch_size:
+                yield stack_examples(chunk)
+                chunk = []
+        if chunk:
+            yield stack_examples(chunk)
+
+
+def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, min_voxels: int = 8):
+    """`OrganEmbeddings` of whole volumes: every organ pooled over all sliding windows of the training crop
+    (`inference` is a `zeroshot.ScanInference`); the per-case extras as `collect_organ_embeddings` keeps."""
+    from ctglip_jax.evaluators.zeroshot_organ import CARRIED_KEYS, OrganEmbeddings
+
+    embeddings, valids, extras = [], [], {k: [] for k in CARRIED_KEYS}
+    for batch in batches:
+        for image, labels in zip(batch["image"], batch["label_map"], strict=True):
+            emb, voxels = inference.organ_embeddings(np.asarray(image), np.asarray(labels))
+            embeddings.append(np.asarray(emb, np.float32))
+            valids.append(voxels >= max(min_voxels, 1))
+        for key in CARRIED_KEYS:
+            if key in batch:
+                extras[key].append(np.asarray(batch[key]))
+    if not embeddings:
+        raise ConfigError("organ evaluation", "the evaluation data is empty")
+    return OrganEmbeddings(
+        np.stack(embeddings), np.stack(valids), {k: np.concatenate(v) for k, v in extras.items() if v}
+    )
+
+
+def organ_embeddings(pretrained, data: EvaluationData, batches: Iterable[Mapping[str, Any]] | None = None):
+    """The organ embeddings of `data`'s cases under its protocol (whole scan or centre crop)."""
+    from ctglip_jax.evaluators.zeroshot_organ import collect_organ_embeddings
+
+    min_voxels = int(pretrained.config.data.get("min_organ_voxels", 8))
+    batches = data.batches() if batches is None else batches
+    if data.whole_scan:
+        from ctglip_jax.zeroshot import ScanInference
+
+        inference = ScanInference(pretrained, batch_size=max(1, min(4, data.batch_size)))
+        return collect_scan_embeddings(inference, batches, min_voxels=min_voxels)
+    model = pretrained.zero_shot_model()
+    return collect_organ_embeddings(model.embed_organs, pretrained.params, batches, min_voxels=min_voxels)
