@@ -55,7 +55,9 @@ def torch_vectors(model_dir: str, ref: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("side", choices=("flax", "torch"))
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", help="flax: where to write the vectors")
