@@ -37,4 +37,5 @@ def get_config(arg=None):
         c.loss.kind = "sigmoid"
     elif variant == "plus_global":
         c.loss.global_clip = 1.0
+        c.text.rows_per_example *= 2  # the reports' sentences join the slot texts in the text table
     return c
