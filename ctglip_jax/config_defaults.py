@@ -2,7 +2,10 @@
 
 Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the reference):
 - temperature: learnable, init 0.07, clamped to [0.001, 0.5] (losses.clamp_logit_scale);
-- HU window [-1150, 350] -> [0, 1]; organs with fewer than `min_organ_voxels` voxels in the crop are dropped;
+- input: three HU windows as channels, lung [-1350, 150], soft tissue [-160, 240], bone [-500, 1300], each
+  -> [0, 1] (one window, fVLM's [-1150, 350], saturates bone lesions and leaves soft-tissue lesions at a
+  contrast-to-noise of ~0.5-2 per voxel); organs with fewer than `min_organ_voxels` voxels in the crop are
+  dropped;
 - loss weights: organ-text 1, abnormality-text 1 (equal: neither term is known to dominate);
 - prompts: "A CT image of the {organ}." for organ recognition;
 - text tower: MiniLM-L6 (the offline default), frozen and cached on the host; mean pooling;
@@ -10,6 +13,8 @@ Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the 
 """
 
 import ml_collections as mlc
+
+from ctglip_jax.data.augment import DEFAULT_WINDOWS
 
 
 def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
@@ -46,7 +51,8 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             flip_axes=(),
             hu_scale_jitter=0.05,
             hu_shift_jitter=20.0,
-            window=(-1150.0, 350.0),
+            window=(-1150.0, 350.0),  # used only when `windows` is empty (one input channel)
+            windows=DEFAULT_WINDOWS,  # lung, soft tissue, bone (data/augment.py says why): 3 channels
             crop_aware_labels=True,  # an organ's abnormal sentence only with crops that show its lesion
             seed=0,
             shuffle=True,

@@ -117,7 +117,7 @@ def encoder_params(pretrained, tower, crop: Sequence[int], *, from_scratch: bool
 
     if not from_scratch:
         return pretrained.image_tower_params()
-    images = jnp.zeros((1, *crop), jnp.float32)
+    images = jnp.zeros((1, *crop, int(getattr(tower, "in_channels", 1))), jnp.float32)
     return jax.jit(tower.init)(jax.random.PRNGKey(seed), images)["params"]
 
 
@@ -195,6 +195,7 @@ def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: in
         hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)) if train else 0.0,
         hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)) if train else 0.0,
         window=tuple(pre.get("window", (-1150.0, 350.0))),
+        windows=tuple(tuple(w) for w in (pre.get("windows", None) or ())),
         foreground_fraction=foreground_fraction if train else 0.0,
         seed=seed,
         shuffle=train,
@@ -232,16 +233,17 @@ def evaluation_batches(
 
 
 def whole_volumes(data: DataSpec, pretrained, split: str) -> Iterator[dict[str, np.ndarray]]:
-    """Uncropped test cases `{image (1, X, Y, Z) in [0, 1], tumor_mask (1, X, Y, Z)}` (sliding window)."""
+    """Uncropped test cases `{image (1, X, Y, Z[, C]) in [0, 1], tumor_mask (1, X, Y, Z)}` (sliding window),
+    windowed as the pretrained model's data (one channel per HU window)."""
     from ctglip_jax.data import datasets
-    from ctglip_jax.data.augment import window
+    from ctglip_jax.data.augment import apply_windows, windows_of
 
-    lo, hi = tuple(pretrained.config.data.get("window", (-1150.0, 350.0)))
+    windows = windows_of(pretrained.config.data)
     source = datasets.data_source(data.name, data.config, split, data.data_dir)
     for i in range(len(source)):
         record = source[i]
         yield {
-            "image": window(np.asarray(record["volume"]), lo, hi)[None],
+            "image": apply_windows(np.asarray(record["volume"]), windows)[None],
             "tumor_mask": (np.asarray(record["tumor_mask"]) > 0).astype(np.int32)[None],
         }
 
@@ -488,7 +490,9 @@ def run_segmentation(
     s.settings.update(overlap=overlap, num_classes=2, head=type(net.head).__name__,
                       foreground_fraction=foreground_fraction)
     result["label"] = "tumor_mask: 0 background, 1 tumour"
-    params = net.init(jax.random.PRNGKey(seed + 1), np.zeros((1, *s.crop), np.float32), s.encoder_params)
+    channels = int(getattr(s.tower, "in_channels", 1))
+    params = net.init(jax.random.PRNGKey(seed + 1), np.zeros((1, *s.crop, channels), np.float32),
+                      s.encoder_params)
     batches = training_batches(s.data, pretrained, s.crop, batch_size, seed, foreground_fraction)
     try:
         params, losses = S.train_segmentation(

@@ -123,8 +123,11 @@ def make_model(config: ml_collections.ConfigDict) -> TwoTower:
 
     A ViT's position-embedding grid is sized to the training crop unless the config says otherwise.
     """
+    from ctglip_jax.data.augment import windows_of
+
     spec = config.model.to_dict()
     image_kw = dict(spec.get("image_tower_kw", {}))
+    image_kw.setdefault("in_channels", len(windows_of(config.data)))  # one channel per HU window
     if spec["image_tower"].startswith("vit3d"):
         image_kw.setdefault("image_size", tuple(config.data.crop_shape))
     spec = {**spec, "image_tower_kw": image_kw}

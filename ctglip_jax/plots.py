@@ -31,6 +31,13 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def display_image(image: np.ndarray) -> np.ndarray:
+    """The channel to show of a multi-window image `(X, Y, Z, C)`: the middle one (soft tissue of the default
+    lung / soft tissue / bone stack); a single-window `(X, Y, Z)` image as it is."""
+    image = np.asarray(image)
+    return image[..., image.shape[-1] // 2] if image.ndim == 4 else image
+
+
 def _plane(volume: np.ndarray, view: str, index: int) -> np.ndarray:
     """2-D image to `imshow(origin='lower')`: rows vertical, patient's right on the left."""
     sliced = volume[:, :, index] if view == "axial" else volume[:, index, :]
@@ -92,6 +99,7 @@ def heatmap_overlay(
     spacing: Sequence[float] | None = None,
 ) -> Path:
     """Axial and coronal slices through the heatmap's maximum: CT, heatmap on top (and the mask, if any)."""
+    image = display_image(image)
     plt = _pyplot()
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     panels = [("axial", peak[2]), ("coronal", peak[1])]
@@ -123,6 +131,7 @@ def case_overlay(
 ) -> Path:
     """One evaluation case: the mask overlay, then one heatmap per query, each through its own maximum
     (axial row and coronal row); `outline` (e.g. the lesion mask) is drawn in white on every panel."""
+    image = display_image(image)
     plt = _pyplot()
     columns = 1 + len(heatmaps)
     fig, axes = plt.subplots(2, columns, figsize=(3.2 * columns, 6.4), squeeze=False)

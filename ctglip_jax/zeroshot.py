@@ -111,11 +111,11 @@ class InputGrid:
 class PreparedScan:
     """A scan on the model grid: `image` in [0, 1] (canonical RAS+, training spacing), `labels` or None."""
 
-    image: np.ndarray
+    image: np.ndarray  # (X, Y, Z), or (X, Y, Z, C) with several HU windows
     labels: np.ndarray | None
     affine: np.ndarray
     input: InputGrid
-    window: tuple[float, float]
+    windows: tuple[tuple[float, float], ...]
     source: str
 
 
@@ -140,11 +140,14 @@ def prepare_scan(
     ct_path: str | Path,
     mask_path: str | Path | None,
     spacing: Sequence[float],
-    window: Sequence[float],
+    windows: Sequence[Sequence[float]],
     mask_version: str = "v1",
 ) -> PreparedScan:
-    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window.
-    A TotalSegmentator v2 mask (`mask_version="v2"`) is converted to v1 ids first."""
+    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window
+    (one channel per HU window in `windows`, as the model was trained). A TotalSegmentator v2 mask
+    (`mask_version="v2"`) is converted to v1 ids first."""
+    from ctglip_jax.data.augment import apply_windows
+
     if mask_version not in ("v1", "v2"):
         raise CTGlipInputError("--mask-version", f"must be v1 or v2, got {mask_version!r}")
     vol = ct.load_ct(ct_path)
@@ -155,9 +158,9 @@ def prepare_scan(
     model_labels = None
     if labels is not None:
         model_labels = np.asarray(ct.resample(labels, spacing, order=0).data, np.int32)
-    lo, hi = (float(w) for w in window)
-    image = np.ascontiguousarray(ct.window_hu(resampled.data, lo, hi))
-    return PreparedScan(image, model_labels, resampled.affine, grid, (lo, hi), str(ct_path))
+    windows = tuple(tuple(float(v) for v in w) for w in windows)
+    image = np.ascontiguousarray(apply_windows(np.asarray(resampled.data), windows))
+    return PreparedScan(image, model_labels, resampled.affine, grid, windows, str(ct_path))
 
 
 def to_input_grid(values: np.ndarray, model_affine: np.ndarray, grid: InputGrid) -> np.ndarray:
@@ -223,6 +226,7 @@ class ScanInference:
         self._project = jax.jit(project)
 
     def num_windows(self, shape: Sequence[int]) -> int:
+        shape = tuple(shape)[:3]
         padded = [s + a + b for s, (a, b) in zip(shape, _padding(shape, self.window), strict=True)]
         return len(self._heatmap.windows(padded))
 
@@ -233,10 +237,11 @@ class ScanInference:
 
     def organ_embeddings(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(104, E)` normalised organ embeddings (zero rows where absent) and `(104,)` voxel counts."""
-        pad = _padding(image.shape, self.window)
-        image = np.pad(np.asarray(image, np.float32), pad)
+        pad = _padding(image.shape[:3], self.window)
+        channels = image.shape[3:]  # (C,) with several HU windows
+        image = np.pad(np.asarray(image, np.float32), pad + [(0, 0)] * len(channels))
         labels = np.pad(np.asarray(labels, np.int32), pad)
-        corners = self._heatmap.windows(image.shape)
+        corners = self._heatmap.windows(labels.shape)
         wx, wy, wz = self.window
         sums = counts = None
         for first in range(0, len(corners), self.batch_size):
@@ -245,7 +250,7 @@ class ScanInference:
                 (image[x : x + wx, y : y + wy, z : z + wz], labels[x : x + wx, y : y + wy, z : z + wz])
                 for x, y, z in chunk
             ]
-            crops += [(np.zeros(self.window, np.float32), np.zeros(self.window, np.int32))] * (
+            crops += [(np.zeros(self.window + channels, np.float32), np.zeros(self.window, np.int32))] * (
                 self.batch_size - len(chunk)
             )  # all-background fillers add nothing to the sums
             s, c = self._window_sums(
@@ -384,11 +389,13 @@ def run_zeroshot(
     config = pretrained.config if pretrained is not None else pretrained_lib.load_config(workdir)
     chosen_step = checkpoint_step(workdir, step)
     spacing_out, spacing_source = training_spacing(config, spacing)
-    window = tuple(float(w) for w in config.data.get("window", ct.DEFAULT_WINDOW))
-    scan = prepare_scan(ct_path, mask_path, spacing_out, window, mask_version)  # input errors surface first
+    from ctglip_jax.data.augment import windows_of
+
+    windows = windows_of(config.data)
+    scan = prepare_scan(ct_path, mask_path, spacing_out, windows, mask_version)  # input errors surface first
     progress(
         f"prepared {ct_path}: {scan.input.orientation} {list(scan.input.shape)} -> RAS+ "
-        f"{list(scan.image.shape)} at {spacing_out} mm ({spacing_source}), HU window {window}"
+        f"{list(scan.image.shape)} at {spacing_out} mm ({spacing_source}), HU window(s) {list(windows)}"
     )
     if pretrained is None:
         progress(f"loading the model of {workdir} (step {chosen_step})")
@@ -412,9 +419,9 @@ def run_zeroshot(
                 "spacing_mm": list(spacing_out),
                 "spacing_source": spacing_source,
                 "resampling": "linear (image), nearest (mask)",
-                "model_grid_shape": list(scan.image.shape),
-                "hu_window": list(window),
-                "intensity": "HU clipped to the window and mapped linearly to [0, 1]",
+                "model_grid_shape": list(scan.image.shape[:3]),
+                "hu_windows": [list(w) for w in windows],
+                "intensity": "HU clipped to each window and mapped linearly to [0, 1], one channel each",
             },
             "sliding_window": {
                 "window": list(inference.window),

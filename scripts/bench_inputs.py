@@ -35,7 +35,7 @@ def synthetic_inputs(config, text_dim: int = 384, seed: int = 0) -> tuple[dict, 
 
     organs = np.stack([rng.permutation(np.arange(1, NUM_CLASSES + 1))[:k] for _ in range(b)]).astype(np.int32)
     batch = {
-        "image": rng.random((b, *crop), dtype=np.float32),
+        "image": rng.random((b, *crop, *channels(config)), dtype=np.float32),
         "label_map": rng.integers(0, NUM_CLASSES + 1, (b, *crop), dtype=np.uint8),
         "slot_organ": organs,
         "slot_valid": np.ones((b, k), bool),
@@ -56,6 +56,14 @@ def synthetic_inputs(config, text_dim: int = 384, seed: int = 0) -> tuple[dict, 
     return batch, consts
 
 
+def channels(config) -> tuple[int, ...]:
+    """() for one HU window (the image is (B, X, Y, Z)), (C,) for C windows."""
+    from ctglip_jax.data.augment import windows_of
+
+    n = len(windows_of(config.data))
+    return (n,) if n > 1 else ()
+
+
 def joint_inputs(config, seed: int = 0) -> tuple[dict, dict]:
     """The text table of a batch whose slot texts and reports are the phantom's own phrasings."""
     from ctglip_jax import joint_text, objective
@@ -71,7 +79,7 @@ def joint_inputs(config, seed: int = 0) -> tuple[dict, dict]:
         [[phrases[rng.integers(len(phrases))] if f >= 0 else "" for f in row] for row in flags], dtype=object
     )
     host = {
-        "image": rng.random((b, *crop), dtype=np.float32),
+        "image": rng.random((b, *crop, *channels(config)), dtype=np.float32),
         "label_map": rng.integers(0, NUM_CLASSES + 1, (b, *crop), dtype=np.uint8),
         "slot_organ": np.stack([rng.permutation(np.arange(1, NUM_CLASSES + 1))[:k] for _ in range(b)]).astype(
             np.int32

@@ -25,7 +25,8 @@ from ctglip_jax.models.vit3d import vit3d
 ROOT = Path(__file__).resolve().parents[1]
 MSD_TASK = ROOT / "tfds_builders/msd_tumor/dummy_data/Task00_Dummy"
 CROP = (16, 16, 16)
-WINDOW = (-1150.0, 350.0)
+from ctglip_jax.data.augment import DEFAULT_WINDOWS as WINDOWS  # noqa: E402  (the model's input)
+
 RESULT_KEYS = {"task", "settings", "pretrained", "data", "label", "metrics", "train_curve", "seconds"}
 
 
@@ -247,12 +248,12 @@ def test_evaluation_crops_keep_every_record_in_order(workdir, data_dir):
         volume = np.asarray(source[i]["volume"], np.float64)
         start = [(s - c) // 2 for s, c in zip(volume.shape, CROP, strict=True)]
         crop = volume[tuple(slice(a, a + c) for a, c in zip(start, CROP, strict=True))]
-        np.testing.assert_allclose(images[i], np.clip((crop - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1),
-                                   atol=1e-6)
+        expected = np.stack([np.clip((crop - lo) / (hi - lo), 0, 1) for lo, hi in WINDOWS], axis=-1)
+        np.testing.assert_allclose(images[i], expected, atol=1e-6)
     whole = list(finetune.whole_volumes(spec, pre, "test"))
     assert len(whole) == len(source)
     np.testing.assert_array_equal(whole[1]["tumor_mask"][0], np.asarray(source[1]["tumor_mask"]) > 0)
-    assert whole[1]["image"].shape == (1, *np.asarray(source[1]["volume"]).shape)
+    assert whole[1]["image"].shape == (1, *np.asarray(source[1]["volume"]).shape, len(WINDOWS))
 
 
 def test_lpft_head_folds_the_probe_standardisation():

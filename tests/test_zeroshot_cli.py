@@ -17,6 +17,7 @@ from test_eval_cli import PNG_MAGIC, tiny_config
 from ctglip_jax import pretrained, train, zeroshot
 from ctglip_jax.cli import main as cli_main
 from ctglip_jax.data import organs
+from ctglip_jax.data.augment import DEFAULT_WINDOWS
 from ctglip_jax.data.findings import FINDINGS
 from ctglip_jax.data.synthetic import PhantomConfig, generate_case
 
@@ -111,7 +112,8 @@ def test_report_says_what_was_done(cli_result, scans):
     prep = report["preprocessing"]
     assert prep["spacing_mm"] == list(PhantomConfig.preset(PRESET).spacing)
     assert "records of ctglip_synthetic/tiny" in prep["spacing_source"]
-    assert prep["hu_window"] == [-1150.0, 350.0] and prep["model_grid_shape"] == [48, 48, 64]
+    assert prep["hu_windows"] == [list(w) for w in DEFAULT_WINDOWS]
+    assert prep["model_grid_shape"] == [48, 48, 64]
     window = report["sliding_window"]
     assert window["window"] == [16, 16, 16] and window["overlap"] == 0.0
     assert window["windows"] == 3 * 3 * 4  # 48/16, 48/16, 64/16 tiles without overlap
@@ -272,7 +274,10 @@ def test_window_pooling_and_heatmap_match_a_numpy_reference(loaded, scans):
     case = scans["case"]
     window = inference.window
     box = (slice(8, 8 + 2 * window[0]), slice(16, 16 + window[1]), slice(24, 24 + window[2]))
-    image = np.asarray((np.clip(case.volume[box], -1150, 350) + 1150) / 1500, np.float32)
+    lung, soft, bone = DEFAULT_WINDOWS  # the model's three input channels (numpy, not the project's code)
+    volume = case.volume[box]
+    image = np.stack([np.clip((volume - lo) / (hi - lo), 0, 1) for lo, hi in (lung, soft, bone)], -1)
+    image = image.astype(np.float32)
     labels = np.asarray(case.label_map[box], np.int32)
     assert inference.num_windows(image.shape) == 2
 

@@ -2,7 +2,8 @@
 
 Everything spatial (crop offset, flips) is drawn once per record and applied to the volume and every
 voxel-aligned label array (organ label map, tumor mask, task label), so masks keep lying on their organs.
-Intensity jitter (HU scale and shift) acts on the image only, before the HU window.
+Intensity jitter (HU scale and shift) acts on the image only, before the HU window(s). Several windows give
+the image one channel each (`apply_windows`; the standard lung / soft-tissue / bone windows by default).
 
 Flips: the default flips no axis. A flip along axis 0 (patient left-right in RAS+) turns a left kidney into
 a right-looking one while its label still says `kidney_left`, and reports speak of sides ("left renal
@@ -18,7 +19,16 @@ from collections.abc import Sequence
 import numpy as np
 
 AIR_HU = -1024
-DEFAULT_WINDOW = (-1150.0, 350.0)
+DEFAULT_WINDOW = (-1150.0, 350.0)  # fVLM's single window; old workdirs (one input channel) use it
+# Radiology's standard display windows (level +- width / 2), stacked as input channels by new configs:
+#   lung   L -600 W 1500: air, lung parenchyma, nodules, consolidation and effusion against aerated lung
+#   soft   L   40 W  400: the 10-50 HU contrasts of liver, spleen, kidney, pancreas lesions (the one window
+#          where a hypodense liver mass is several noise standard deviations from liver)
+#   bone   L  400 W 1800: everything above 350 HU (sclerotic lesions, cortex, stones), which a single
+#          [-1150, 350] window maps to 1.0
+WINDOWS = {"lung": (-1350.0, 150.0), "soft_tissue": (-160.0, 240.0), "bone": (-500.0, 1300.0)}
+DEFAULT_WINDOWS = (WINDOWS["lung"], WINDOWS["soft_tissue"], WINDOWS["bone"])
+Window = tuple[float, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +41,7 @@ class AugmentConfig:
     hu_scale: float = 0.0
     hu_shift: float = 0.0
     window: tuple[float, float] = DEFAULT_WINDOW
+    windows: tuple[Window, ...] = ()  # several: stacked as channels (X, Y, Z, C); () = `window` alone
     # nnU-Net's foreground oversampling: this fraction of random crops is centred (+- a quarter crop) on a
     # random voxel of `labels[foreground_key]` > 0, so rare small targets (tumours) reach the loss at all.
     foreground_fraction: float = 0.0
@@ -85,6 +96,29 @@ def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
+def apply_windows(hu: np.ndarray, windows: Sequence[Window]) -> np.ndarray:
+    """One window: `(X, Y, Z)` in [0, 1] (a single input channel, as before); several: `(X, Y, Z, C)`."""
+    windows = [tuple(float(v) for v in w) for w in windows]
+    if not windows:
+        raise ValueError("no HU window")
+    for lo, hi in windows:
+        if not hi > lo:
+            raise ValueError(f"HU window ({lo}, {hi}) must have hi > lo")
+    if len(windows) == 1:
+        return window(hu, *windows[0])
+    return np.stack([window(hu, lo, hi) for lo, hi in windows], axis=-1)
+
+
+def windows_of(data_config) -> tuple[Window, ...]:
+    """The HU windows a data config's images carry, in channel order: `windows` when set, else the single
+    `window` (configs and workdirs from before multi-window input)."""
+    get = data_config.get if hasattr(data_config, "get") else lambda k, d=None: getattr(data_config, k, d)
+    windows = get("windows", None) or ()
+    if windows:
+        return tuple(tuple(float(v) for v in w) for w in windows)
+    return (tuple(float(v) for v in (get("window", None) or DEFAULT_WINDOW)),)
+
+
 def augment(
     volume: np.ndarray, labels: dict[str, np.ndarray], cfg: AugmentConfig, rng: np.random.Generator | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -115,4 +149,5 @@ def augment(
         scale = rng.uniform(1.0 - cfg.hu_scale, 1.0 + cfg.hu_scale)
         shift = rng.uniform(-cfg.hu_shift, cfg.hu_shift)
         image = image * np.float32(scale) + np.float32(shift)
-    return window(image, *cfg.window), {k: np.ascontiguousarray(v) for k, v in labels.items()}
+    image = apply_windows(image, cfg.windows or (cfg.window,))
+    return image, {k: np.ascontiguousarray(v) for k, v in labels.items()}

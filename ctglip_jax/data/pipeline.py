@@ -15,12 +15,12 @@ Every random choice is a function of the config seed and the record's position i
 restored from `get_state()` (JSON-serialisable; store it with the checkpoint) continues with exactly the
 batches an uninterrupted run would have seen, in this process or a new one.
 
-Batch keys: `image` float32 (B, X, Y, Z) in [0, 1]; `label_map` uint8 (B, X, Y, Z) v1 ids; slot arrays
-`slot_organ` int32 (B, K), `slot_valid` bool, `slot_abnormal` int8 (-1 = not mentioned), `slot_voxels`;
-`organ_abnormal` int8 (B, 104); passed through when the dataset has them: `tumor_mask`, `label`
-(cropped like the image), `finding_labels`, `has_tumor`. With `tokenize`: `slot_text_ids`/`_mask`
-(B, K, L) and `report_ids`/`_mask` (B, L). Host-only (numpy, never placed on devices): `slot_text`
-(B, K) and `report` (B,) strings, `case_id` (B,).
+Batch keys: `image` float32 (B, X, Y, Z) in [0, 1], or (B, X, Y, Z, C) with C HU windows (`windows`);
+`label_map` uint8 (B, X, Y, Z) v1 ids; slot arrays `slot_organ` int32 (B, K), `slot_valid` bool,
+`slot_abnormal` int8 (-1 = not mentioned), `slot_voxels`; `organ_abnormal` int8 (B, 104); passed through
+when the dataset has them: `tumor_mask`, `label` (cropped like the image), `finding_labels`, `has_tumor`.
+With `tokenize`: `slot_text_ids`/`_mask` (B, K, L) and `report_ids`/`_mask` (B, L). Host-only (numpy, never
+placed on devices): `slot_text` (B, K) and `report` (B,) strings, `case_id` (B,).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class PipelineConfig:
     hu_scale_jitter: float = 0.05
     hu_shift_jitter: float = 20.0
     window: tuple[float, float] = DEFAULT_WINDOW
+    windows: tuple[tuple[float, float], ...] = ()  # several HU windows as image channels; () = `window`
     foreground_fraction: float = 0.0  # share of random crops centred on a tumor_mask voxel (fine-tuning)
     crop_aware_labels: bool = True  # drop abnormal flags whose lesion is outside the crop (slots.py)
     seed: int = 0
@@ -83,6 +84,17 @@ class PipelineConfig:
         for key in ("crop_shape", "flip_axes", "window"):
             if key in values and values[key] is not None:
                 values[key] = tuple(values[key])
+        if values.get("windows"):
+            try:
+                values["windows"] = tuple(tuple(float(v) for v in w) for w in values["windows"])
+            except (TypeError, ValueError):
+                values["windows"] = ((),)
+            bad = [w for w in values["windows"] if len(w) != 2 or not w[1] > w[0]]
+            if bad:
+                raise ConfigError(
+                    "config.data.windows",
+                    f"each HU window is (lo, hi) with hi > lo, got {list(values['windows'])}",
+                )
         return cls(**values)
 
     def augment_config(self) -> AugmentConfig:
@@ -95,6 +107,7 @@ class PipelineConfig:
             hu_scale=self.hu_scale_jitter,
             hu_shift=self.hu_shift_jitter,
             window=tuple(self.window),
+            windows=tuple(self.windows),
             foreground_fraction=float(self.foreground_fraction),
         )
 
