@@ -110,6 +110,10 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             dictionary="auto",
             dictionary_per_organ=32,  # corpus dictionary: most entries per organ
             dictionary_sample=32 if runlocal else 128,  # dictionary entries per step when the text trains
+            # Cross-step negatives (objective.init_queue): the last N (image, report) pairs for the global
+            # term and the last N organ slots for the abnormality term; at batch 4 CLIP otherwise has three
+            # negatives a step and sits at chance. 0 = off. Both methods get it: equal compute.
+            queue_size=256 if runlocal else 4096,
         )
     )
     if loss == "clip":

@@ -174,7 +174,9 @@ def evaluate(
         "ad/f1_macro": ad.get("f1_macro"),
         "ad/auc_macro": ad.get("auc_macro"),
         "ad/findings_evaluated": ad.get("num_findings_evaluated"),
-        **{f"ad_dict/{k}": ad_dict.get(k) for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal")},
+        "ad/identity_auc_macro": ad.get("finding_identity", {}).get("auc_macro"),
+        **{f"ad_dict/{k}": ad_dict.get(k)
+           for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal", "identity_auc_macro")},
     }
     if test_embeddings and "finding_organ" in test_embeddings[0].extras:
         train = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)

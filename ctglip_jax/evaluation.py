@@ -168,6 +168,7 @@ def _abnormality(model, params, config, embeddings, data, result: dict, say, abn
             r = AbnormalityEvaluator(model, min_voxels=min_voxels, **kw).run(params, embeddings)
             by_template["+".join(map(str, r["templates"]))] = {
                 "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
+                "identity_auc_macro": r["finding_identity"].get("auc_macro"),
                 **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
             }
             result.setdefault("abnormality_detection", r)

@@ -172,14 +172,18 @@ def abnormality_text_loss(
     dict_normal: Array,
     dict_organ_ids: Array,
     logit_scale: Array,
+    queue: Mapping[str, Array] | None = None,
 ) -> tuple[Array, Metrics]:
     """Organ embedding <-> organ text InfoNCE over the global batch, with dictionary negatives, soft targets.
 
     N = global batch x organ slots, flattened; slot i pairs organ_emb[i] with its report text text_emb[i].
-    image->text: anchor i against the N batch texts plus the M dictionary texts.
-    text->image: text j against the N organ embeddings (the dictionary has no images).
-    The loss is the mean of the two directions. Equivalence rule: see the module docstring.
+    image->text: anchor i against the N batch texts plus the M dictionary texts (plus the queue's texts).
+    text->image: text j against the N organ embeddings (plus the queue's organ embeddings; the dictionary
+    has no images). The loss is the mean of the two directions. Equivalence rule: see the module docstring.
     Shapes: *_emb (., D); valid/normal (N,) bool; text_keys/organ_ids (N,) int; dict_* the same over M.
+    `queue` (cross-step memory, `queue_entries`): {organ_emb, text_emb (Q, D), key, normal, organ, valid (Q,)}
+    of earlier steps' slots, used as extra candidates in both directions under the same rule (constants:
+    no gradient flows into them).
     """
     valid, normal = valid.astype(bool), normal.astype(bool)
     dict_valid, dict_normal = dict_valid.astype(bool), dict_normal.astype(bool)
@@ -187,12 +191,13 @@ def abnormality_text_loss(
     text_emb = _zero_invalid(text_emb, valid)
     dict_emb = _zero_invalid(dict_emb, dict_valid)
 
-    # Candidates for image->text: batch texts then dictionary texts.
-    cand_emb = jnp.concatenate([text_emb, dict_emb], axis=0)
-    cand_valid = jnp.concatenate([valid, dict_valid])
-    cand_keys = jnp.concatenate([text_keys, dict_keys])
-    cand_normal = jnp.concatenate([normal, dict_normal])
-    cand_organs = jnp.concatenate([organ_ids, dict_organ_ids])
+    # Candidates for image->text: batch texts, dictionary texts, then the queue's texts.
+    q = _queue_parts(queue, organ_emb.shape[-1])
+    cand_emb = jnp.concatenate([text_emb, dict_emb, q["text_emb"]], axis=0)
+    cand_valid = jnp.concatenate([valid, dict_valid, q["valid"]])
+    cand_keys = jnp.concatenate([text_keys, dict_keys, q["key"]])
+    cand_normal = jnp.concatenate([normal, dict_normal, q["normal"]])
+    cand_organs = jnp.concatenate([organ_ids, dict_organ_ids, q["organ"]])
 
     equiv = equivalence_matrix(text_keys, normal, organ_ids, cand_keys, cand_normal, cand_organs)  # (N, N+M)
     unknown = unknown_pairs(text_keys, normal, organ_ids, cand_keys, cand_normal, cand_organs)
@@ -200,11 +205,14 @@ def abnormality_text_loss(
     i2t_logits = logit_scale * organ_emb @ cand_emb.T
     i2t_rows, used = soft_cross_entropy(i2t_logits, equiv.astype(jnp.float32), valid, cand_known)
 
-    # text->image: the (N, N) blocks are symmetric: row j lists the organs whose texts match (or are unknown).
-    n = organ_emb.shape[0]
-    batch_equiv = equiv[:, :n]
-    batch_known = valid[None, :] & ~unknown[:, :n]
-    t2i_logits = logit_scale * text_emb @ organ_emb.T
+    # text->image: the (N, N) blocks are symmetric: row j lists the organs whose texts match (or are unknown);
+    # the queue's organ embeddings follow, judged by their own slot texts.
+    n, m = organ_emb.shape[0], dict_emb.shape[0]
+    image_cols = jnp.concatenate([jnp.arange(n), n + m + jnp.arange(q["valid"].shape[0])])
+    batch_equiv = equiv[:, image_cols]
+    batch_known = jnp.concatenate([valid, q["valid"]])[None, :] & ~unknown[:, image_cols]
+    image_emb = jnp.concatenate([organ_emb, q["organ_emb"]], axis=0)
+    t2i_logits = logit_scale * text_emb @ image_emb.T
     t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, batch_known)
 
     loss = 0.5 * (_masked_mean(i2t_rows, used) + _masked_mean(t2i_rows, t2i_used))
@@ -224,27 +232,66 @@ def abnormality_text_loss(
 
 
 def clip_loss(
-    img_emb: Array, txt_emb: Array, logit_scale: Array, valid: Array | None = None
+    img_emb: Array,
+    txt_emb: Array,
+    logit_scale: Array,
+    valid: Array | None = None,
+    queue: Mapping[str, Array] | None = None,
 ) -> tuple[Array, Metrics]:
-    """Symmetric global image-report InfoNCE (the CLIP baseline); `valid` (B,) drops padded examples."""
+    """Symmetric global image-report InfoNCE (the CLIP baseline); `valid` (B,) drops padded examples.
+
+    `queue` (cross-step memory): {image_emb, text_emb (Q, D), valid (Q,)} of earlier steps' pairs, extra
+    negatives in both directions (image->text against the queued reports, text->image against the queued
+    images), so a small batch still has something to contrast. `chance` is ln(the candidates per anchor).
+    """
     b = img_emb.shape[0]
     valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
     img_emb = _zero_invalid(img_emb, valid)
     txt_emb = _zero_invalid(txt_emb, valid)
-    eye = jnp.eye(b, dtype=bool)
-    logits = logit_scale * img_emb @ txt_emb.T
-    i2t, used = soft_cross_entropy(logits, eye.astype(jnp.float32), valid, valid)
-    t2i, _ = soft_cross_entropy(logits.T, eye.astype(jnp.float32), valid, valid)
+    d = img_emb.shape[-1]
+    queue = None if queue is None else jax.lax.stop_gradient(dict(queue))
+    q_valid = jnp.zeros((0,), bool) if queue is None else queue["valid"].astype(bool)
+    q_img = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["image_emb"], q_valid)
+    q_txt = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["text_emb"], q_valid)
+    cols = jnp.concatenate([valid, q_valid])
+    eye = jnp.eye(b, b + q_valid.shape[0], dtype=bool)
+    i2t_logits = logit_scale * img_emb @ jnp.concatenate([txt_emb, q_txt]).T
+    if queue is None:
+        t2i_logits = i2t_logits.T
+    else:
+        t2i_logits = logit_scale * txt_emb @ jnp.concatenate([img_emb, q_img]).T
+    i2t, used = soft_cross_entropy(i2t_logits, eye.astype(jnp.float32), valid, cols)
+    t2i, _ = soft_cross_entropy(t2i_logits, eye.astype(jnp.float32), valid, cols)
     loss = 0.5 * (_masked_mean(i2t, used) + _masked_mean(t2i, used))
-    negatives = used[:, None] & valid[None, :] & ~eye
+    negatives = used[:, None] & cols[None, :] & ~eye
     metrics = {
-        "i2t_accuracy": _masked_mean(_top1_hits(logits, eye, valid).astype(jnp.float32), used),
-        "t2i_accuracy": _masked_mean(_top1_hits(logits.T, eye, valid).astype(jnp.float32), used),
-        "pos_logit": _masked_mean(jnp.diagonal(logits), used),
-        "neg_logit": _negative_mean(logits, negatives),
+        "i2t_accuracy": _masked_mean(_top1_hits(i2t_logits, eye, cols).astype(jnp.float32), used),
+        "t2i_accuracy": _masked_mean(_top1_hits(t2i_logits, eye, cols).astype(jnp.float32), used),
+        "pos_logit": _masked_mean(jnp.diagonal(i2t_logits[:, :b]), used),
+        "neg_logit": _negative_mean(i2t_logits, negatives),
         "temperature": 1.0 / logit_scale,
+        "chance": jnp.log(jnp.maximum(jnp.sum(cols), 1).astype(jnp.float32)),
     }
     return loss, metrics
+
+
+def _queue_parts(queue: Mapping[str, Array] | None, dim: int) -> dict[str, Array]:
+    """The organ-level queue's arrays, or empty ones (Q = 0) without a queue; embeddings of invalid entries
+    zeroed, and no gradient into any of them."""
+    if queue is None:
+        return {"organ_emb": jnp.zeros((0, dim)), "text_emb": jnp.zeros((0, dim)),
+                "key": jnp.zeros((0,), jnp.int32), "normal": jnp.zeros((0,), bool),
+                "organ": jnp.zeros((0,), jnp.int32), "valid": jnp.zeros((0,), bool)}
+    queue = jax.lax.stop_gradient(dict(queue))
+    valid = queue["valid"].astype(bool)
+    return {
+        "organ_emb": _zero_invalid(queue["organ_emb"], valid),
+        "text_emb": _zero_invalid(queue["text_emb"], valid),
+        "key": queue["key"].astype(jnp.int32),
+        "normal": queue["normal"].astype(bool),
+        "organ": queue["organ"].astype(jnp.int32),
+        "valid": valid,
+    }
 
 
 def sigmoid_loss(

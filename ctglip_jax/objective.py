@@ -266,10 +266,70 @@ def forward(module: TwoTower, batch: dict, consts: dict) -> dict[str, jax.Array]
     return out
 
 
+# ---------------------------------------------------------------------------------------- negative queue
+def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None:
+    """The cross-step negative queue (MoCo-style memory, `config.loss.queue_size` entries per term), empty.
+
+    `global`: the last Q (image, report) embedding pairs, for the global CLIP term; `organ`: the last Q organ
+    slots (organ embedding, its text's embedding, key, normal flag, organ id), for the abnormality term. The
+    organ-text term needs none: its softmax already spans the whole 104-organ vocabulary. Entries are the
+    embeddings as computed at their step (no momentum encoder: a memory bank), newest first; the queue is
+    part of the train state, so a resumed run continues with exactly the same memory.
+    """
+    size = int(config.loss.get("queue_size", 0) or 0)
+    if size <= 0 or config.loss.kind == "sigmoid":
+        return None
+    zeros = lambda *s, dtype=jnp.float32: jnp.zeros(s, dtype)  # noqa: E731
+    queue = {}
+    if float(config.loss.get("global_clip", 0.0)):
+        queue["global"] = {"image_emb": zeros(size, embed_dim), "text_emb": zeros(size, embed_dim),
+                           "valid": zeros(size, dtype=jnp.bool_)}
+    if float(config.loss.get("abnormality", 0.0)):
+        queue["organ"] = {"organ_emb": zeros(size, embed_dim), "text_emb": zeros(size, embed_dim),
+                          "key": zeros(size, dtype=jnp.int32), "normal": zeros(size, dtype=jnp.bool_),
+                          "organ": zeros(size, dtype=jnp.int32), "valid": zeros(size, dtype=jnp.bool_)}
+    return queue or None
+
+
+def queue_entries(out: dict, batch: dict) -> dict:
+    """This step's candidates for the queue (what `push_queue` stores), without gradients."""
+    d = out["organ_emb"].shape[-1]
+    flags = batch["slot_abnormal"].reshape(-1)
+    entries = {
+        "organ": {
+            "organ_emb": out["organ_emb"].reshape(-1, d),
+            "text_emb": out["text_emb"].reshape(-1, d),
+            "key": batch["slot_text_key"].reshape(-1).astype(jnp.int32),
+            "normal": flags == 0,
+            "organ": batch["slot_organ"].reshape(-1).astype(jnp.int32),
+            "valid": out["organ_valid"].reshape(-1) & (flags >= 0),
+        }
+    }
+    if "report_emb" in out:
+        b = out["image_emb"].shape[0]
+        entries["global"] = {"image_emb": out["image_emb"], "text_emb": out["report_emb"],
+                             "valid": jnp.ones((b,), bool)}
+    return jax.lax.stop_gradient(entries)
+
+
+def push_queue(queue: dict | None, entries: dict) -> dict | None:
+    """Newest entries first, the oldest dropped: a fixed-size FIFO (static shapes under jit)."""
+    if queue is None:
+        return None
+    out = {}
+    for term, memory in queue.items():
+        size = memory["valid"].shape[0]
+        fresh = entries[term]
+        out[term] = {k: jnp.concatenate([fresh[k].astype(v.dtype), v])[:size] for k, v in memory.items()}
+    return out
+
+
 def loss_terms(
-    out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict
+    out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict, queue: dict | None = None
 ) -> tuple[dict, dict[str, float]]:
-    """({term: (loss, metrics)}, {term: weight}) for every term with a non-zero weight."""
+    """({term: (loss, metrics)}, {term: weight}) for every term with a non-zero weight; `queue`: the
+    cross-step negatives (`init_queue`) for the terms that use one."""
+    queue = queue or {}
     weights = {t: float(config.loss.get(t, 0.0)) for t in LOSS_TERMS}
     sigmoid = config.loss.kind == "sigmoid"
     scale = losses.clamp_logit_scale(out["log_scale"])
@@ -306,26 +366,43 @@ def loss_terms(
             scale,
         )
         terms["abnormality"] = (
-            losses.abnormality_sigmoid_loss(*args, bias) if sigmoid else losses.abnormality_text_loss(*args)
+            losses.abnormality_sigmoid_loss(*args, bias)
+            if sigmoid
+            else losses.abnormality_text_loss(*args, queue=queue.get("organ"))
         )
     if weights["global_clip"]:
         if sigmoid:
             terms["global_clip"] = losses.sigmoid_loss(out["image_emb"], out["report_emb"], scale, bias)
         else:
-            terms["global_clip"] = losses.clip_loss(out["image_emb"], out["report_emb"], scale)
+            terms["global_clip"] = losses.clip_loss(
+                out["image_emb"], out["report_emb"], scale, queue=queue.get("global")
+            )
     return terms, {t: weights[t] for t in terms}
 
 
-def make_loss_fn(model: TwoTower, config: ml_collections.ConfigDict):
-    """`loss_fn(params, batch, consts, rng) -> (loss, metrics)` for `jax.value_and_grad(has_aux=True)`."""
+def make_objective(model: TwoTower, config: ml_collections.ConfigDict):
+    """`objective(params, batch, consts, rng, queue) -> (loss, (metrics, entries))` for
+    `jax.value_and_grad(has_aux=True)`; `entries` are this step's embeddings for `push_queue`."""
 
-    def loss_fn(params, batch, consts, rng):
+    def objective(params, batch, consts, rng, queue=None):
         del rng  # the towers have no dropout; kept in the signature for ones that will
         out = model.apply({"params": params}, batch, consts, method=forward)
-        terms, weights = loss_terms(out, batch, consts, config)
+        terms, weights = loss_terms(out, batch, consts, config, queue)
         loss, metrics = losses.total_loss(terms, weights)
         if "text_dropped" in out:  # texts that did not fit the step's text table (joint_text.TextTable)
             metrics["text_dropped"] = out["text_dropped"].astype(jnp.float32)
+        return loss, (metrics, queue_entries(out, batch) if queue is not None else {})
+
+    return objective
+
+
+def make_loss_fn(model: TwoTower, config: ml_collections.ConfigDict):
+    """`loss_fn(params, batch, consts, rng) -> (loss, metrics)` without the queue (validation, benchmarks):
+    the objective a model scores on held-out batches, independent of training's memory."""
+    objective = make_objective(model, config)
+
+    def loss_fn(params, batch, consts, rng):
+        loss, (metrics, _) = objective(params, batch, consts, rng)
         return loss, metrics
 
     return loss_fn

@@ -62,10 +62,14 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     rng: jax.Array
+    queue: PyTree = None  # cross-step negatives (objective.init_queue); None: no queue (old checkpoints too)
 
     @classmethod
-    def create(cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    def create(
+        cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array, queue: PyTree = None
+    ) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+                   queue=queue)
 
 
 # ------------------------------------------------------------------------------------------------ paths

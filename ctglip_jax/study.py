@@ -36,9 +36,11 @@ METRICS = (  # (label, result key); see `demo.evaluate` for what each is
     ("TD AUC", "td/auc"),
     ("TS Dice", "ts/dice"),
 )
-DETAIL_METRICS = (  # the second table: AD AUC split into focal lesions and the rest
+DETAIL_METRICS = (  # the second table: AD AUC split into focal lesions and the rest; which finding
     ("AD AUC dict. focal", "ad_dict/auc_focal"),
     ("AD AUC dict. non-focal", "ad_dict/auc_nonfocal"),
+    ("finding identity AUC", "ad/identity_auc_macro"),
+    ("finding identity AUC (dict.)", "ad_dict/identity_auc_macro"),
     ("probe focal", "ad_probe/auc_focal"),
     ("probe non-focal", "ad_probe/auc_nonfocal"),
 )

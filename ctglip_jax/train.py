@@ -347,6 +347,7 @@ def make_step_functions(
     model = objective.make_model(config)
     tx = optim.make_optimizer(objective.optimizer_config(config))
     loss_fn = objective.make_loss_fn(model, config)
+    objective_with_queue = objective.make_objective(model, config)
     nan_step = int(config.get("debug_nan_step", -1))
     if joint_text.trainable_layers(config) and init_text is None:
         bert, full, _ = joint_text.load_bert(config.text.model_dir or None)
@@ -357,17 +358,20 @@ def make_step_functions(
         params = objective.init_params(model, init_rng, init_inputs)
         if text_params is not None:
             params = {**params, "text_tower": {"bert": jax.tree.map(jnp.asarray, text_params)}}
-        return optim.TrainState.create(params, tx, state_rng)
+        queue = objective.init_queue(config, int(config.model.embed_dim))
+        return optim.TrainState.create(params, tx, state_rng, queue)
 
-    def objective_fn(params, batch, consts, rng, step):
-        loss, metrics = loss_fn(params, batch, consts, rng)
+    def objective_fn(params, batch, consts, rng, step, queue):
+        loss, aux = objective_with_queue(params, batch, consts, rng, queue)
         # Fault injection (tests): a NaN that reaches the gradients too, at 1-based step `debug_nan_step`.
-        return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), metrics
+        return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), aux
 
     def train_step(state: optim.TrainState, batch: dict, consts: dict):
         step_rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, batch, consts, step_rng, state.step)
+        (loss, (metrics, entries)), grads = grad_fn(
+            state.params, batch, consts, step_rng, state.step, state.queue
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -376,7 +380,8 @@ def make_step_functions(
             "grad_norm": optim_global_norm(grads),
             "lr": optim.learning_rate(config.optim, state.step),
         }
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        queue = objective.push_queue(state.queue, entries)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue), metrics
 
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0), init_text)
     state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))

@@ -167,3 +167,46 @@ def test_recall_identity_and_constant():
     eye = np.eye(12)
     assert M.recall_at_k(eye, eye.astype(bool), (1,))[1] == 1.0
     assert M.recall_at_k(np.zeros((12, 12)), eye.astype(bool), (1, 11, 12)) == {1: 0.0, 11: 0.0, 12: 1.0}
+
+
+def test_finding_identity_against_sklearn():
+    """Which of an organ's findings: softmax over its findings' prompts, AUC per finding over the organ's
+    abnormal cases only (sklearn's roc_auc_score computed here on the same samples)."""
+    from sklearn.metrics import roc_auc_score
+
+    from ctglip_jax.data import organs as org
+    from ctglip_jax.data.findings import FINDINGS
+    from ctglip_jax.evaluators.zeroshot_abnormality import finding_identity
+    from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
+
+    rng = np.random.default_rng(0)
+    liver = org.organ_id("liver")
+    rivals = [f for f in FINDINGS if "liver" in f.organs]
+    assert len(rivals) >= 2
+    column = {f.name: i for i, f in enumerate(FINDINGS)}
+    dim, n = 8, 40
+    prompts = {(f.name, liver): (rng.normal(size=dim), rng.normal(size=dim)) for f in rivals}
+    truth = rng.integers(0, len(rivals) + 1, n)  # len(rivals) = no liver finding
+    finding_organ = np.zeros((n, len(FINDINGS)), np.int32)
+    emb = np.zeros((n, 104, dim), np.float32)
+    for i, t in enumerate(truth):
+        emb[i, liver - 1] = rng.normal(size=dim)
+        if t < len(rivals):
+            finding_organ[i, column[rivals[t].name]] = liver
+            emb[i, liver - 1] += prompts[(rivals[t].name, liver)][0]  # leans towards its own finding
+    valid = np.zeros((n, 104), bool)
+    valid[:, liver - 1] = True
+    data = OrganEmbeddings(emb, valid, {"finding_organ": finding_organ})
+    result = finding_identity(data, prompts, 3.0, FINDINGS, FINDINGS)
+    abnormal = truth < len(rivals)
+    texts = np.stack([prompts[(f.name, liver)][0] for f in rivals])
+    logits = 3.0 * emb[abnormal, liver - 1].astype(np.float64) @ texts.T
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for j, f in enumerate(rivals):
+        labels = truth[abnormal] == j
+        if labels.any() and not labels.all():
+            assert result["per_finding"][f.name]["auc"] == pytest.approx(roc_auc_score(labels, probs[:, j]))
+        else:
+            assert f.name in result["skipped"]
+    assert result["auc_macro"] > 0.6

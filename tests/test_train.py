@@ -206,7 +206,8 @@ def test_frozen_text_tower_trains_as_before(synthetic_data_dir, tmp_path_factory
     if not bert_dir.exists():
         make_tiny_hf_bert(bert_dir, layers=1)
     config = load(synthetic_data_dir, bert_dir, spec, total_steps=6, checkpoint_every=0,
-                  **{"eval.every": 0, "text.trainable_layers": 0, "data.crop_aware_labels": False})
+                  **{"eval.every": 0, "text.trainable_layers": 0, "data.crop_aware_labels": False,
+                     "loss.queue_size": 0, "data.windows": "()"})
     result = train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
     assert "text_tower" not in result.state.params
     np.testing.assert_allclose(train_losses(result), FROZEN_TOWER_LOSSES[spec], rtol=2e-6)

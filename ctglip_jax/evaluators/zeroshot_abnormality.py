@@ -12,6 +12,9 @@ level) is used: exact for single-organ findings; for multi-organ findings (e.g. 
 every candidate organ that the report calls abnormal (`organ_abnormal`) counts as positive - an
 approximation, flagged in the result (`labels: "case_level"`).
 
+Also "which finding" (`finding_identity`): in an organ with several catalogue findings, the finding's prompt
+against the organ's other findings' prompts, over the abnormal organs only.
+
 Reported per finding (pooled over its organs): AUC and F1 at the Youden-optimal threshold (`metrics.py`),
 ROC points; per (finding, organ); per organ (macro over its findings); macro and positives-weighted
 averages over findings. A finding with no positive or no negative sample is listed under `skipped` with
@@ -185,6 +188,60 @@ def abnormality_detection(
     )
 
 
+def finding_identity(
+    data: OrganEmbeddings,
+    pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]],
+    logit_scale: float,
+    findings: Sequence[Finding] = FINDINGS,
+    catalogue: Sequence[Finding] = FINDINGS,
+) -> dict[str, Any]:
+    """Which abnormality, not only whether: per organ with several catalogue findings, over the cases where
+    that organ holds one of them, P(f) = softmax over the organ's findings' "present" prompts (model's scale);
+    per finding, AUC of P(f) against "f is the organ's finding" (chance 0.5 whatever the number of rivals).
+
+    Needs organ-level labels (`finding_organ`). A finding with no positive or negative case is skipped.
+    """
+    if "finding_organ" not in data.extras:
+        return {"skipped": "needs organ-level finding labels (finding_organ)"}
+    column = {f.name: i for i, f in enumerate(catalogue)}
+    finding_organ = np.asarray(data.extras["finding_organ"])
+    by_organ: dict[str, list[Finding]] = {}
+    for finding in findings:
+        for organ_name in finding.organs:
+            by_organ.setdefault(organ_name, []).append(finding)
+    samples: dict[str, tuple[list, list]] = {}
+    for organ_name, rivals in by_organ.items():
+        if len(rivals) < 2:
+            continue
+        organ_id = organs.organ_id(organ_name)
+        cols = [column[f.name] for f in rivals]
+        held = (finding_organ[:, cols] == organ_id) & data.valid[:, organ_id - 1][:, None]
+        rows = np.flatnonzero(held.any(axis=1))
+        if not len(rows):
+            continue
+        texts = np.stack([np.asarray(pair_embeddings[(f.name, organ_id)][0], np.float64) for f in rivals])
+        logits = float(logit_scale) * np.asarray(data.embeddings[rows, organ_id - 1], np.float64) @ texts.T
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        for j, finding in enumerate(rivals):
+            labels, scores = samples.setdefault(finding.name, ([], []))
+            labels.append(held[rows, j])
+            scores.append(probs[:, j])
+    per_finding, skipped = {}, {}
+    for name, (labels, scores) in samples.items():
+        labels, scores = np.concatenate(labels), np.concatenate(scores)
+        if M.has_both_classes(labels):
+            report = M.binary_report(labels, scores)
+            per_finding[name] = {k: report[k] for k in ("auc", "f1", "positives", "negatives")}
+        else:
+            skipped[name] = f"{int(labels.sum())} positive(s) among {len(labels)} abnormal organs"
+    auc = M.macro_and_weighted([r["auc"] for r in per_finding.values()],
+                               [r["positives"] for r in per_finding.values()])
+    return M.json_ready({"auc_macro": auc["macro"], "auc_weighted": auc["weighted"],
+                         "num_findings_evaluated": len(per_finding), "per_finding": per_finding,
+                         "skipped": skipped})
+
+
 class AbnormalityEvaluator:
     """Zero-shot abnormality detection with paired prompts (template pairs configurable, ensembled)."""
 
@@ -225,9 +282,9 @@ class AbnormalityEvaluator:
             )
         )
         scale = float(np.asarray(self.model.logit_scale(params)))
-        result = abnormality_detection(
-            data, self.pair_embeddings(params), scale, self.findings, self.catalogue
-        )
+        pairs = self.pair_embeddings(params)
+        result = abnormality_detection(data, pairs, scale, self.findings, self.catalogue)
+        result["finding_identity"] = finding_identity(data, pairs, scale, self.findings, self.catalogue)
         result["templates"] = [t if isinstance(t, str) else list(t) for t in self.templates]
         result["logit_scale"] = scale
         return result

@@ -1,0 +1,170 @@
+"""The cross-step negative queue (MoCo-style memory): the queued losses against a float64 numpy reference
+written here, loop by loop; the FIFO; and that the queue lives in the train state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_losses import _equivalent, _log_softmax, _unit, _unknown, make_batch
+
+from ctglip_jax import config_lib, losses, objective
+
+
+def make_queue(seed: int, q: int = 10, d: int = 8) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed + 100)
+    valid = rng.random(q) < 0.7
+    return {
+        "organ_emb": _unit(rng, q, d),
+        "text_emb": _unit(rng, q, d),
+        "key": rng.integers(0, 9, q).astype(np.int32),
+        "normal": rng.random(q) < 0.5,
+        "organ": rng.choice([5, 6, 3], size=q).astype(np.int32),
+        "valid": valid,
+        "image_emb": _unit(rng, q, d),
+    }
+
+
+def ref_abnormality_queue(b, q, scale):
+    n = len(b["organ_emb"])
+    texts = [
+        (b["text_emb"][j], b["keys"][j], b["normal"][j], b["organs"][j]) for j in range(n) if b["valid"][j]
+    ]
+    texts += [
+        (b["dict_emb"][j], b["dict_keys"][j], b["dict_normal"][j], b["dict_organs"][j])
+        for j in range(len(b["dict_emb"]))
+        if b["dict_valid"][j]
+    ]
+    texts += [
+        (q["text_emb"][j], q["key"][j], q["normal"][j], q["organ"][j])
+        for j in range(len(q["valid"]))
+        if q["valid"][j]
+    ]
+    images = [
+        (b["organ_emb"][i], b["keys"][i], b["normal"][i], b["organs"][i]) for i in range(n) if b["valid"][i]
+    ]
+    images += [
+        (q["organ_emb"][i], q["key"][i], q["normal"][i], q["organ"][i])
+        for i in range(len(q["valid"]))
+        if q["valid"][i]
+    ]
+
+    def direction(anchors, candidates):
+        rows = []
+        for emb, *me in anchors:
+            known = [c for c in candidates if not _unknown(*me, *c[1:])]
+            logits = np.array([scale * np.dot(np.float64(emb), np.float64(c[0])) for c in known])
+            target = np.array([1.0 if _equivalent(*me, *c[1:]) else 0.0 for c in known])
+            rows.append(-np.sum(target / target.sum() * _log_softmax(logits)))
+        return np.mean(rows)
+
+    anchors_i = [
+        (b["organ_emb"][i], b["keys"][i], b["normal"][i], b["organs"][i]) for i in range(n) if b["valid"][i]
+    ]
+    anchors_t = [
+        (b["text_emb"][i], b["keys"][i], b["normal"][i], b["organs"][i]) for i in range(n) if b["valid"][i]
+    ]
+    return 0.5 * (direction(anchors_i, texts) + direction(anchors_t, images))
+
+
+def ref_clip_queue(img, txt, q, scale):
+    qi = [x for x, v in zip(q["image_emb"], q["valid"], strict=True) if v]
+    qt = [x for x, v in zip(q["text_emb"], q["valid"], strict=True) if v]
+    all_txt = np.concatenate([txt, np.array(qt).reshape(-1, txt.shape[1])]).astype(np.float64)
+    all_img = np.concatenate([img, np.array(qi).reshape(-1, img.shape[1])]).astype(np.float64)
+    i2t = [-_log_softmax(scale * all_txt @ img[i].astype(np.float64))[i] for i in range(len(img))]
+    t2i = [-_log_softmax(scale * all_img @ txt[i].astype(np.float64))[i] for i in range(len(txt))]
+    return 0.5 * (np.mean(i2t) + np.mean(t2i)), np.log(len(img) + len(qi))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_abnormality_with_queue_matches_numpy(seed):
+    b, q, scale = make_batch(seed), make_queue(seed), 7.0
+    loss, _ = jax.jit(losses.abnormality_text_loss)(
+        b["organ_emb"],
+        b["text_emb"],
+        b["valid"],
+        b["keys"],
+        b["normal"],
+        b["organs"],
+        b["dict_emb"],
+        b["dict_valid"],
+        b["dict_keys"],
+        b["dict_normal"],
+        b["dict_organs"],
+        jnp.float32(scale),
+        queue={k: v for k, v in q.items() if k != "image_emb"},
+    )
+    np.testing.assert_allclose(float(loss), ref_abnormality_queue(b, q, scale), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clip_with_queue_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    img, txt, q, scale = _unit(rng, 4, 8), _unit(rng, 4, 8), make_queue(seed), 9.0
+    queue = {"image_emb": q["image_emb"], "text_emb": q["text_emb"], "valid": q["valid"]}
+    loss, metrics = jax.jit(losses.clip_loss)(img, txt, jnp.float32(scale), queue=queue)
+    want, chance = ref_clip_queue(img, txt, q, scale)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["chance"]), chance, rtol=1e-6)
+    empty = {k: v[:0] for k, v in queue.items()}  # no memory yet: the plain CLIP loss
+    np.testing.assert_allclose(
+        float(losses.clip_loss(img, txt, scale, queue=empty)[0]),
+        float(losses.clip_loss(img, txt, scale)[0]),
+        rtol=1e-6,
+    )
+
+
+def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
+    config = config_lib.load_config(
+        "configs/ctglip_ablations.py:plus_global,runlocal", ["--config.loss.queue_size=5"]
+    )
+    queue = objective.init_queue(config, 2)
+    assert set(queue) == {"global", "organ"} and not queue["organ"]["valid"].any()
+    for step in range(3):
+        entries = {
+            "organ": {"organ_emb": jnp.full((2, 2), step), "text_emb": jnp.full((2, 2), step),
+                      "key": jnp.full((2,), step), "normal": jnp.ones(2, bool), "organ": jnp.full((2,), 5),
+                      "valid": jnp.array([True, step != 1])},
+            "global": {"image_emb": jnp.full((1, 2), step), "text_emb": jnp.full((1, 2), step),
+                       "valid": jnp.ones(1, bool)},
+        }  # fmt: skip
+        queue = objective.push_queue(queue, entries)
+    np.testing.assert_array_equal(queue["organ"]["key"], [2, 2, 1, 1, 0])  # newest first, oldest dropped
+    np.testing.assert_array_equal(queue["organ"]["valid"], [True, True, True, False, True])
+    np.testing.assert_array_equal(queue["global"]["image_emb"][:, 0], [2, 1, 0, 0, 0])
+    np.testing.assert_array_equal(queue["global"]["valid"], [True, True, True, False, False])
+
+    b = make_batch(0)
+    q = {k: jnp.asarray(v) for k, v in make_queue(0).items() if k != "image_emb"}
+
+    def loss(queue_emb):
+        return losses.abnormality_text_loss(
+            b["organ_emb"],
+            b["text_emb"],
+            b["valid"],
+            b["keys"],
+            b["normal"],
+            b["organs"],
+            b["dict_emb"],
+            b["dict_valid"],
+            b["dict_keys"],
+            b["dict_normal"],
+            b["dict_organs"],
+            jnp.float32(5.0),
+            queue={**q, "organ_emb": queue_emb},
+        )[0]
+
+    assert not np.asarray(jax.grad(loss)(q["organ_emb"])).any()  # memory, not a parameter
+
+
+def test_sigmoid_and_zero_size_have_no_queue():
+    assert (
+        objective.init_queue(config_lib.load_config("configs/ctglip_ablations.py:sigmoid,runlocal"), 4)
+        is None
+    )
+    off = config_lib.load_config("configs/clip_vit.py:runlocal", ["--config.loss.queue_size=0"])
+    assert objective.init_queue(off, 4) is None
+    clip = objective.init_queue(config_lib.load_config("configs/clip_vit.py:runlocal"), 4)
+    assert set(clip) == {"global"} and clip["global"]["image_emb"].shape == (256, 4)
