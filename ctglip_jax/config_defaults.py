@@ -3,9 +3,9 @@
 Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the reference):
 - temperature: learnable, init 0.07, clamped to [0.001, 0.5] (losses.clamp_logit_scale);
 - input: three HU windows as channels, lung [-1350, 150], soft tissue [-160, 240], bone [-500, 1300], each
-  -> [0, 1] (one window, fVLM's [-1150, 350], saturates bone lesions and leaves soft-tissue lesions at a
-  contrast-to-noise of ~0.5-2 per voxel); organs with fewer than `min_organ_voxels` voxels in the crop are
-  dropped;
+  -> [0, 1] (one window, fVLM's [-1150, 350], clips everything above 350 HU - sclerotic bone lesions vanish -
+  and squeezes soft-tissue contrasts into a 3.75x smaller input range; data/augment.py); organs with fewer
+  than `min_organ_voxels` voxels in the crop are dropped;
 - loss weights: organ-text 1, abnormality-text 1 (equal: neither term is known to dominate);
 - prompts: "A CT image of the {organ}." for organ recognition;
 - text tower: MiniLM-L6 (the offline default), frozen and cached on the host; mean pooling;

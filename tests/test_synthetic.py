@@ -288,8 +288,8 @@ def test_every_finding_renders(name):
         changed = np.abs(case.volume.astype(float) - plain.volume) > 10
         region = case.label_map == oid
         assert np.count_nonzero(changed & region) >= min(fd["n_voxels"], 3)
-        if f.kind == "diffuse":
-            assert np.median(case.volume[region]) < np.median(plain.volume[plain.label_map == oid]) - 25
+        if f.kind == "diffuse":  # steatosis: 20 +- 4 HU below the patient's normal liver
+            assert np.median(case.volume[region]) < np.median(plain.volume[plain.label_map == oid]) - 12
     if f.kind == "focal":
         i = tuple(fd["center_vox"])
         assert case.label_map[i] == oid

@@ -22,10 +22,11 @@ AIR_HU = -1024
 DEFAULT_WINDOW = (-1150.0, 350.0)  # fVLM's single window; old workdirs (one input channel) use it
 # Radiology's standard display windows (level +- width / 2), stacked as input channels by new configs:
 #   lung   L -600 W 1500: air, lung parenchyma, nodules, consolidation and effusion against aerated lung
-#   soft   L   40 W  400: the 10-50 HU contrasts of liver, spleen, kidney, pancreas lesions (the one window
-#          where a hypodense liver mass is several noise standard deviations from liver)
+#   soft   L   40 W  400: the 10-60 HU contrasts of liver, spleen, kidney, pancreas lesions spread over
+#          3.75x more of the [0, 1] input than in one [-1150, 350] window (a linear window leaves the
+#          contrast-to-noise ratio as it is: what changes is how large the difference is at the input)
 #   bone   L  400 W 1800: everything above 350 HU (sclerotic lesions, cortex, stones), which a single
-#          [-1150, 350] window maps to 1.0
+#          [-1150, 350] window clips to 1.0: there such lesions are invisible
 WINDOWS = {"lung": (-1350.0, 150.0), "soft_tissue": (-160.0, 240.0), "bone": (-500.0, 1300.0)}
 DEFAULT_WINDOWS = (WINDOWS["lung"], WINDOWS["soft_tissue"], WINDOWS["bone"])
 Window = tuple[float, float]

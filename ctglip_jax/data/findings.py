@@ -74,8 +74,13 @@ class Finding:
     `kind` selects the renderer: "focal" (a blob inside the organ), "diffuse" (whole-organ attenuation
     change), "enlargement" (the organ drawn larger), "fluid" (dependent fluid inside a lung lobe),
     "wall" (a thickened wall of a hollow organ). `hu` is absolute attenuation unless `hu_relative`, in
-    which case it is added to the organ's own. Size is the lesion diameter in mm (for "enlargement" the
-    organ's new length or diameter, for "wall" the wall thickness).
+    which case it is added to the organ's own normal attenuation (the patient's base HU, before any other
+    finding: a metastasis in a fatty liver keeps the attenuation of tumour tissue). Size is the lesion
+    diameter in mm (for "enlargement" the organ's new length or diameter, for "wall" the wall thickness).
+
+    A focal lesion is never drawn smaller than its contrast allows a preset to show (`synthetic.
+    min_lesion_diameter`); where the catalogue's size range reaches below that, the preset draws sizes
+    from the rest of the range, and the report states the size drawn.
     """
 
     name: str
@@ -113,7 +118,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("Simple hepatic cyst.", "Benign-appearing liver cyst."),
         (8, 30),
-        hu=6,
+        hu=0,  # simple fluid: water, 0-15 HU measured
         location_set="liver",
     ),
     Finding(
@@ -132,7 +137,7 @@ FINDINGS: tuple[Finding, ...] = (
             "Hepatic lesion concerning for metastasis.",
         ),
         (15, 50),
-        hu=-35,
+        hu=-55,  # hypovascular metastasis: 40-60 HU below enhancing liver
         hu_relative=True,
         shape="lobulated",
         location_set="liver",
@@ -166,7 +171,8 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("Hepatic steatosis.", "Fatty liver."),
         (0, 0),
-        hu=5,
+        hu=-20,  # moderate fatty infiltration: liver ~35 HU, below 40 HU and below the spleen
+        hu_relative=True,
     ),
     Finding(
         "renal_cyst",
@@ -181,7 +187,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("{Side} renal cyst, Bosniak I.", "Simple cyst of the {side} kidney."),
         (8, 35),
-        hu=8,
+        hu=0,  # simple fluid (Bosniak I): water, 0-15 HU measured
         location_set="kidney",
         expands_organ=True,
         prevalence=0.1,
@@ -310,10 +316,11 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("Pancreatic {location} mass, concerning for adenocarcinoma.", "Mass of the pancreas."),
         (15, 35),
-        hu=-30,
+        hu=-40,  # hypoenhancing adenocarcinoma: 30-50 HU below the enhancing pancreas
         hu_relative=True,
         shape="lobulated",
         location_set="pancreas",
+        expands_organ=True,  # a mass deforms the gland's contour
         prevalence=0.06,
     ),
     Finding(
@@ -328,8 +335,9 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("Pancreatic cyst; follow-up MRI recommended.", "Cystic lesion of the pancreas."),
         (8, 25),
-        hu=8,
+        hu=0,  # fluid: water, 0-15 HU measured
         location_set="pancreas",
+        expands_organ=True,  # side-branch cysts bulge from the gland
     ),
     Finding(
         "gallstones",
@@ -360,7 +368,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("{Side} adrenal nodule, likely adenoma.", "Indeterminate {side} adrenal nodule."),
         (10, 25),
-        hu=8,
+        hu=5,  # lipid-rich adenoma: below 10 HU
         expands_organ=True,
     ),
     Finding(
@@ -423,7 +431,8 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         ("Mass of the {location}; colonoscopy recommended.", "Colonic mass, suspicious for carcinoma."),
         (20, 40),
-        hu=45,
+        hu=45,  # enhancing tumour tissue, about 45 HU above the bowel's contents
+        hu_relative=True,
         shape="lobulated",
         location_set="colon",
         expands_organ=True,

@@ -47,11 +47,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     """Synthetic CT-report pairs; `tiny` for tests, `small` for the demo, `medium`/`large` for real runs."""
 
     name = "ctglip_synthetic"
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First release.",
         "1.1.0": "finding_organ (each finding's organ); tiny 32/8/8.",
         "1.2.0": "lesion_map (where each localized finding is drawn): crop-aware abnormal labels.",
+        "1.3.0": "Phantom fidelity: no finding paints over an earlier lesion (organ-wide findings first, "
+                 "focal lesions clear of each other), so lesion_map, tumor_mask and labels match the image; "
+                 "real CT contrasts (cysts 0 HU, liver metastasis -55, pancreatic carcinoma -40, colonic "
+                 "mass +45, fatty liver -20 HU); low-contrast lesions drawn 3-4 voxels across or more.",
     }
     # Record i is case i of its split: the pipeline shuffles, and a stable order makes builds diffable.
     BUILDER_CONFIGS = [
