@@ -204,8 +204,12 @@ class LowerStates:
         out = [np.asarray(i, np.int32) for i in ids]
         cut = sum(len(i) >= self.max_length for i in out)
         if cut:  # a text that exactly fills max_length is counted too: cheaper than a second tokenisation
+            if self.truncated == 0:
+                log.warning(
+                    "texts longer than config.text.max_length=%d tokens are cut (first %d of them now; "
+                    "raise it if your report sentences are long)", self.max_length, cut,
+                )
             self.truncated += cut
-            log.debug("%d text(s) reached the %d-token limit", cut, self.max_length)
         return out
 
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:

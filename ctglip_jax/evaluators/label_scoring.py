@@ -229,25 +229,8 @@ def score_labels(
             **({"note": spec.note} if spec.note else {}),
         }
 
-    evaluated = list(per_finding.values())
-    weights = [r["positives"] for r in evaluated]
-    auc = M.macro_and_weighted([r["auc"] for r in evaluated], weights)
-    f1 = M.macro_and_weighted([r["f1"] for r in evaluated], weights)
-    per_organ = {
-        organ: {
-            "auc": float(np.mean([s[1] for s in scores])),
-            "f1": float(np.mean([s[2] for s in scores])),
-            "positives": int(sum(s[3] for s in scores)),
-            "findings": [s[0] for s in scores],
-        }
-        for organ, scores in sorted(organ_scores.items(), key=lambda kv: organs.organ_id(kv[0]))
-    }
     result = {
-        "auc_macro": auc["macro"],
-        "auc_weighted": auc["weighted"],
-        "f1_macro": f1["macro"],
-        "f1_weighted": f1["weighted"],
-        "num_findings_evaluated": len(evaluated),
+        **M.finding_summary(per_finding, organ_scores),
         "num_cases": n,
         "num_dataset_cases": len(case_ids),
         "num_cases_left_out": len(aligned.not_in_file),
@@ -258,7 +241,6 @@ def score_labels(
         "label_file": labels.source,
         "per_finding": per_finding,
         "per_finding_organ": per_pair,
-        "per_organ": per_organ,
         "skipped": skipped,
         "any_abnormality": _any_abnormality(labels.findings, organ_level, val, positive, probs),
     }

@@ -143,6 +143,31 @@ def macro_and_weighted(values: Sequence[float], weights: Sequence[float]) -> dic
     return {"macro": float(values.mean()), "weighted": weighted}
 
 
+def finding_summary(
+    per_finding: dict[str, dict[str, Any]], organ_scores: dict[str, list[tuple[str, float, float, int]]]
+) -> dict[str, Any]:
+    """Averages over evaluated findings (macro and positives-weighted AUC/F1) and the per-organ table
+    (mean AUC/F1 over an organ's findings, their positives) from `organ_scores`: {organ: [(finding, auc,
+    f1, positives)]}. Organs in v1 id order."""
+    from ctglip_jax.data import organs
+
+    evaluated = list(per_finding.values())
+    weights = [r["positives"] for r in evaluated]
+    auc = macro_and_weighted([r["auc"] for r in evaluated], weights)
+    f1 = macro_and_weighted([r["f1"] for r in evaluated], weights)
+    per_organ = {
+        organ: {
+            "auc": float(np.mean([s[1] for s in scores])),
+            "f1": float(np.mean([s[2] for s in scores])),
+            "positives": int(sum(s[3] for s in scores)),
+            "findings": [s[0] for s in scores],
+        }
+        for organ, scores in sorted(organ_scores.items(), key=lambda kv: organs.organ_id(kv[0]))
+    }
+    return {"auc_macro": auc["macro"], "auc_weighted": auc["weighted"], "f1_macro": f1["macro"],
+            "f1_weighted": f1["weighted"], "num_findings_evaluated": len(evaluated), "per_organ": per_organ}
+
+
 def top_k_hits(scores, labels, k: int) -> np.ndarray:
     """Per row: is `labels[i]` among the `k` highest `scores[i]`? Ties are broken against the truth
     (a tied competitor counts as ranked above), so a constant model never scores a hit by luck."""

@@ -158,31 +158,13 @@ def abnormality_detection(
             skipped[finding.name] = f"no negative sample among {len(labels)}"
         else:
             per_finding[finding.name] = {**M.binary_report(labels, probs), "organs": used_organs}
-    evaluated = list(per_finding.values())
-    positives = [r["positives"] for r in evaluated]
-    auc = M.macro_and_weighted([r["auc"] for r in evaluated], positives)
-    f1 = M.macro_and_weighted([r["f1"] for r in evaluated], positives)
-    per_organ = {
-        organ: {
-            "auc": float(np.mean([s[1] for s in scores])),
-            "f1": float(np.mean([s[2] for s in scores])),
-            "positives": int(sum(s[3] for s in scores)),
-            "findings": [s[0] for s in scores],
-        }
-        for organ, scores in sorted(organ_scores.items(), key=lambda kv: organs.organ_id(kv[0]))
-    }
     return M.json_ready(
         {
-            "auc_macro": auc["macro"],
-            "auc_weighted": auc["weighted"],
-            "f1_macro": f1["macro"],
-            "f1_weighted": f1["weighted"],
-            "num_findings_evaluated": len(evaluated),
+            **M.finding_summary(per_finding, organ_scores),
             "num_cases": len(data),
             "labels": label_source,
             "per_finding": per_finding,
             "per_finding_organ": per_pair,
-            "per_organ": per_organ,
             "skipped": skipped,
         }
     )
