@@ -179,7 +179,7 @@ def prepare_data(data: DataSpec, task: str, log: Log) -> tuple[DataSpec, set[str
 
 
 def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: int, *, split: str,
-                     train: bool, foreground_fraction: float = 0.0):
+                     train: bool):
     from ctglip_jax.data.pipeline import PipelineConfig
 
     pre = pretrained.config.data
@@ -196,7 +196,6 @@ def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: in
         hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)) if train else 0.0,
         window=tuple(pre.get("window", (-1150.0, 350.0))),
         windows=tuple(tuple(w) for w in (pre.get("windows", None) or ())),
-        foreground_fraction=foreground_fraction if train else 0.0,
         seed=seed,
         shuffle=train,
         random_augment=train,
@@ -205,14 +204,11 @@ def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: in
     )
 
 
-def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int,
-                     foreground_fraction: float = 0.0):
-    """An endless, seeded stream of random-crop training batches (numpy); `foreground_fraction` of the
-    crops centred on tumour voxels."""
+def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int):
+    """An endless, seeded stream of random-crop training batches (numpy), as the pretraining pipeline's."""
     from ctglip_jax.data.pipeline import InputPipeline
 
-    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True,
-                           foreground_fraction=foreground_fraction)
+    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True)
     return InputPipeline(cfg)
 
 
@@ -232,9 +228,39 @@ def evaluation_batches(
             yield {k: np.concatenate([b[k] for b in chunk]) for k in keys if k in chunk[0]}
 
 
+def segmentation_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int,
+                         foreground_fraction: float, tumour_case_fraction: float | None):
+    """The seeded, endless stream of segmentation training batches (`data/seg_batches.py`): in every
+    batch `round(foreground_fraction * batch_size)` crops centred on a tumour voxel, windowed and jittered
+    as the pretrained model's training data."""
+    from ctglip_jax.data import datasets
+    from ctglip_jax.data.augment import windows_of
+    from ctglip_jax.data.seg_batches import SegBatchConfig, TumourBatches
+
+    pre = pretrained.config.data
+    cfg = SegBatchConfig(
+        batch_size=batch_size, crop_shape=tuple(crop), foreground_fraction=foreground_fraction,
+        tumour_case_fraction=tumour_case_fraction, windows=windows_of(pre),
+        flip_axes=tuple(pre.get("flip_axes", ())), hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)),
+        hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)), seed=seed,
+    )
+    cfg.check()
+    return TumourBatches(datasets.data_source(data.name, data.config, "train", data.data_dir), cfg)
+
+
+def tumour_types(data: DataSpec, keys: set[str]) -> dict[int, str]:
+    """`{lesion_map value: tumour type}` where the dataset says which voxel is which finding (the
+    synthetic phantom: 1 + catalogue index; the catalogue's `is_tumor` findings); else {}."""
+    if data.name != "ctglip_synthetic" or "lesion_map" not in keys:
+        return {}
+    from ctglip_jax.data.findings import FINDINGS
+
+    return {i + 1: f.name for i, f in enumerate(FINDINGS) if f.is_tumor}
+
+
 def whole_volumes(data: DataSpec, pretrained, split: str) -> Iterator[dict[str, np.ndarray]]:
-    """Uncropped test cases `{image (1, X, Y, Z[, C]) in [0, 1], tumor_mask (1, X, Y, Z)}` (sliding window),
-    windowed as the pretrained model's data (one channel per HU window)."""
+    """Uncropped test cases `{image (1, X, Y, Z[, C]) in [0, 1], tumor_mask (1, X, Y, Z)[, lesion_map]}`
+    (sliding window), windowed as the pretrained model's data (one channel per HU window)."""
     from ctglip_jax.data import datasets
     from ctglip_jax.data.augment import apply_windows, windows_of
 
@@ -242,10 +268,13 @@ def whole_volumes(data: DataSpec, pretrained, split: str) -> Iterator[dict[str, 
     source = datasets.data_source(data.name, data.config, split, data.data_dir)
     for i in range(len(source)):
         record = source[i]
-        yield {
+        case = {
             "image": apply_windows(np.asarray(record["volume"]), windows)[None],
             "tumor_mask": (np.asarray(record["tumor_mask"]) > 0).astype(np.int32)[None],
         }
+        if "lesion_map" in record:
+            case["lesion_map"] = np.asarray(record["lesion_map"])[None]
+        yield case
 
 
 def _progress(batches: Iterable, steps: int, what: str, log: Log) -> Iterator:
@@ -466,14 +495,24 @@ def run_segmentation(
     pretrained_step: int | None = None,
     overlap: float = 0.5,
     head: str = "unetr",
-    foreground_fraction: float = 1 / 3,
+    foreground_fraction: float = 0.5,
+    tumour_case_fraction: float | None = None,
+    dice_weight: float = 1.0,
+    foreground_prior: float | None = 0.01,
+    decoder_features: int = 8,
+    full_res: str = "pointwise",
+    encoder_lr_mult: float = 1.0,
     log: Log = stderr_log,
 ) -> dict[str, Any]:
-    """Tumour segmentation head on the encoder (`full`, or `probe` = frozen encoder); test Dice per class.
+    """Tumour segmentation on the encoder (`full` = fine-tuned, `probe` = frozen); test Dice per class and
+    per tumour type.
 
     Arguments as `run_detection`; `overlap` is the sliding-window overlap of the whole-volume test; `head`
-    the ViT's decoder (`unetr` or `linear`, see `models/seg_heads.py`); `foreground_fraction` the share of
-    training crops centred on a tumour voxel (nnU-Net's 1/3: tumours are too small for random crops alone).
+    the ViT's decoder (`unetr` or `linear`, see `models/seg_heads.py`; a U-Net always segments with its own
+    decoder); `foreground_fraction` the share of *every* training batch centred on a tumour voxel (rounded:
+    `round(f * batch_size)` crops) and `tumour_case_fraction` the probability that another crop comes from
+    a tumour-bearing case (None: the split's own rate), see `data/seg_batches.py`; `dice_weight` the soft
+    Dice's weight against cross-entropy (`evaluators/segmentation.segmentation_loss`).
     """
     import jax
 
@@ -481,34 +520,53 @@ def run_segmentation(
     from ctglip_jax.evaluators.metrics import json_ready
 
     start = time.perf_counter()
+    if not 0.0 <= foreground_fraction <= 1.0:
+        raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
+    if tumour_case_fraction is not None and not 0.0 <= tumour_case_fraction <= 1.0:
+        raise ConfigError("--tumour-case-fraction", f"must be in [0, 1], got {tumour_case_fraction}")
     s = _setup("segmentation", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch,
                data_dir, manual_dir, pretrained_step, log)
     steps, lr, result = s.settings["steps"], s.settings["learning_rate"], s.result
-    net = S.segmentation_net(s.tower, num_classes=2, head=head)
-    if not 0.0 <= foreground_fraction <= 1.0:
-        raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
-    s.settings.update(overlap=overlap, num_classes=2, head=type(net.head).__name__,
-                      foreground_fraction=foreground_fraction)
+    net = S.segmentation_net(s.tower, num_classes=2, head=head, features=decoder_features, full_res=full_res)
+    batches = segmentation_batches(s.data, pretrained, s.crop, batch_size, seed, foreground_fraction,
+                                   tumour_case_fraction)
+    s.settings.update(
+        overlap=overlap, num_classes=2, head=type(net.head).__name__, foreground_fraction=foreground_fraction,
+        foreground_crops_per_batch=batches.cfg.foreground_per_batch(),
+        tumour_case_fraction=tumour_case_fraction, foreground_prior=foreground_prior,
+        decoder_features=decoder_features if net.is_vit and head == "unetr" else None,
+        full_res=full_res if net.is_vit and head == "unetr" else None, encoder_lr_mult=encoder_lr_mult,
+        loss=f"cross-entropy + {dice_weight:g} x (1 - soft Dice of the tumour class, over the batch)",
+        decoder=("the U-Net's own decoder + 1x1x1 conv" if not net.is_vit else
+                 f"UNETR decoder ({full_res} full-resolution level)" if head == "unetr"
+                 else "per-token linear map to its patch's voxels"),
+    )
     result["label"] = "tumor_mask: 0 background, 1 tumour"
+    result["data"]["train_cases_with_tumour"] = int(len(batches.index.tumour_cases))
+    log(f"segmentation: {result['data']['train_cases_with_tumour']} of {s.records['train']} training cases "
+        f"hold tumour; {batches.cfg.foreground_per_batch()} of {batch_size} crops per batch on a tumour")
     channels = int(getattr(s.tower, "in_channels", 1))
     params = net.init(jax.random.PRNGKey(seed + 1), np.zeros((1, *s.crop, channels), np.float32),
-                      s.encoder_params)
-    batches = training_batches(s.data, pretrained, s.crop, batch_size, seed, foreground_fraction)
+                      s.encoder_params, foreground_prior=foreground_prior)
     try:
         params, losses = S.train_segmentation(
             net, params, _progress(batches, steps, f"segmentation/{mode}", log), steps=steps,
             tx=_optimizer(lr, steps, 1e-4), label_key="tumor_mask", freeze_encoder=mode == "probe",
+            dice_weight=dice_weight, encoder_lr_mult=encoder_lr_mult,
         )
     finally:
         batches.close()
     train_seconds = time.perf_counter() - start
     log(f"segmentation: sliding-window inference over the {s.records['test']} test volumes")
     evaluator = S.SegmentationEvaluator(
-        lambda p, windows: jax.nn.softmax(net.apply(p, windows), axis=-1), 2, s.crop, overlap=overlap,
-        batch_size=batch_size, label_key="tumor_mask", class_names=["tumor"],
+        lambda p, windows: jax.nn.softmax(net.apply(p, windows), axis=-1), 2, s.crop,
+        overlap=overlap, batch_size=max(batch_size, 4), label_key="tumor_mask", class_names=["tumor"],
+        type_names=tumour_types(s.data, s.keys),
     )
     result["metrics"] = evaluator.run(params, whole_volumes(s.data, pretrained, "test"))
-    result["metrics"]["dice"] = result["metrics"]["per_class"]["tumor"]["dice"]  # the headline number
+    tumour = result["metrics"]["per_class"]["tumor"]
+    result["metrics"]["dice"] = tumour["dice"]  # the headline number
+    result["metrics"]["dice_tumour_cases"] = tumour["dice_target_cases"]
     result["train_curve"] = {"step": list(range(1, len(losses) + 1)), "loss": losses}
     result["seconds"] = {"train": train_seconds, "total": time.perf_counter() - start}
     _log_metrics(result, log)

@@ -136,7 +136,7 @@ def test_segmentation_cli_sliding_window_over_whole_volumes(workdir, data_dir, t
     assert m["dice"] == tumour["dice"] and 0.0 <= m["mean_dice"] <= 1.0
     assert finite(r["train_curve"]["loss"]) and r["pretrained"]["step"] == 2
     assert r["settings"]["head"] == "UNETRHead"
-    assert r["settings"]["foreground_fraction"] == pytest.approx(1 / 3)
+    assert r["settings"]["foreground_fraction"] == 0.5 and r["settings"]["foreground_crops_per_batch"] == 1
 
 
 def test_segmentation_linear_probe_cli_and_bad_fraction(workdir, data_dir, tmp_path, capsys):

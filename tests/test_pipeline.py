@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import Mesh
 
 from ctglip_jax.data import datasets
-from ctglip_jax.data.augment import AIR_HU, AugmentConfig, augment, crop_start, window
+from ctglip_jax.data.augment import AIR_HU, AugmentConfig, augment, window
 from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, local_batch_size
 from ctglip_jax.data.slots import choose_slots
 from ctglip_jax.errors import ConfigError
@@ -71,32 +71,6 @@ def test_crop_and_flips_are_identical_on_image_and_labels():
         np.testing.assert_array_equal(out["label_map"], got % 97)
         np.testing.assert_array_equal(out["tumor_mask"], got // 97)
     assert {(), (1,), (2,), (1, 2)} <= seen_flips and len(seen_starts) > 3
-
-
-def test_foreground_crops_hold_the_target_and_leave_other_draws_alone():
-    volume, labels, index = _coded_volume()
-    mask = np.zeros(volume.shape, np.uint8)
-    mask[1, 9, 7] = 1  # one voxel in a corner that random crops rarely reach
-    labels = {**labels, "tumor_mask": mask}
-    always = AugmentConfig(crop_shape=(6, 4, 4), window=WIDE, foreground_fraction=1.0)
-    never = AugmentConfig(crop_shape=(6, 4, 4), window=WIDE)
-    hits = [augment(volume, labels, always, np.random.default_rng(s))[1]["tumor_mask"].sum()
-            for s in range(20)]  # fmt: skip
-    assert hits == [1] * 20
-    random_hits = sum(augment(volume, labels, never, np.random.default_rng(s))[1]["tumor_mask"].sum()
-                      for s in range(20))  # fmt: skip
-    assert random_hits < 10
-    # an empty mask falls back to a random crop; fraction 0 draws exactly what it drew before
-    empty = {**labels, "tumor_mask": np.zeros_like(mask)}
-    image, _ = augment(volume, empty, always, np.random.default_rng(3))
-    assert _find_crop(index, _read_back(image), axes=()) is not None
-    for seed in range(5):  # first draw = the crop offset, as before foreground crops existed
-        start = crop_start(SHAPE, (6, 4, 4), np.random.default_rng(seed))
-        image, _ = augment(volume, labels, never, np.random.default_rng(seed))
-        x, y, z = start
-        np.testing.assert_array_equal(_read_back(image), index[x : x + 6, y : y + 4, z : z + 4])
-    with pytest.raises(ValueError, match="foreground crops need 'tumor_mask'"):
-        augment(volume, {"label_map": labels["label_map"]}, always, np.random.default_rng(0))
 
 
 def test_no_rng_means_centre_crop_and_no_jitter():

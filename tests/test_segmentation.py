@@ -1,5 +1,6 @@
 """Sliding-window inference (exact on per-voxel models, analytic blending), segmentation heads (shapes,
-UNETR strides), the Dice evaluator against a numpy reference and a tiny training run whose loss drops."""
+UNETR strides), the Dice + CE loss and the Dice evaluator (per class, per tumour type) against numpy
+references, and tiny training runs whose loss drops."""
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,35 @@ def test_segmentation_net_shapes(tower):
     assert logits.shape == (2, 16, 16, 8, 3)
 
 
+@pytest.mark.parametrize("stride", [(2, 2, 2), (2, 2, 1), (1, 2, 2)])
+def test_patch_upsample_is_the_transposed_conv(stride):
+    """Same output as flax's ConvTranspose (kernel = stride, VALID) given its kernel, spatially flipped
+    (lax.conv_transpose's convention) and laid out (in, sx, sy, sz, out)."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 2, 4, 5))
+    conv = nn.ConvTranspose(6, stride, strides=stride, padding="VALID")
+    p = conv.init(jax.random.key(1), x)["params"]
+    kernel = np.asarray(p["kernel"])[::-1, ::-1, ::-1].transpose(3, 0, 1, 2, 4).reshape(5, -1)
+    out = seg_heads.PatchUpsample(6, stride).apply({"params": {"kernel": kernel, "bias": p["bias"]}}, x)
+    np.testing.assert_allclose(out, conv.apply({"params": p}, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("full_res", ["conv", "pointwise"])
+def test_unetr_full_resolution_variants(full_res):
+    net = S.segmentation_net(vit3d("tiny"), num_classes=2, features=4, full_res=full_res)
+    images = jax.ShapeDtypeStruct((1, 16, 16, 8), jnp.float32)
+    params = jax.eval_shape(lambda x: net.init(jax.random.key(0), x), images)
+    assert jax.eval_shape(net.apply, params, images).shape == (1, 16, 16, 8, 2)
+    kernel = params["head"]["image_skip"]["fc1"]["kernel"] if full_res == "pointwise" else \
+        params["head"]["image_skip"]["conv1"]["conv"]["kernel"]
+    assert kernel.shape == ((1, 4) if full_res == "pointwise" else (3, 3, 3, 1, 4))
+    assert params["head"]["fuse0"]["conv1"]["conv"]["kernel"].shape[:3] == (3, 3, 3)  # coarse level: convs
+    with pytest.raises(ConfigError, match="full_res"):
+        bad = S.segmentation_net(vit3d("tiny"), num_classes=2, full_res="sparse")
+        jax.eval_shape(lambda x: bad.init(jax.random.key(0), x), images)
+
+
 def test_linear_token_head_maps_each_token_to_its_own_patch():
     """Against numpy: voxel (x, y, z) gets token (x//px, y//py, z//pz) @ W[:, voxel-in-patch, class] + b."""
     patch, grid, width, classes = (4, 2, 2), (2, 3, 2), 5, 3
@@ -163,9 +193,43 @@ def test_segmentation_loss_reference():
     labels = np.array([[[[0, 1], [1, 0]]]])  # (1, 1, 2, 2)
     uniform = jnp.zeros((*labels.shape, 2))
     # CE = log 2; soft Dice of class 1: (2 * 0.5 * 2 + 1) / (0.5 * 4 + 2 + 1) = 3 / 5.
-    assert float(S.segmentation_loss(uniform, labels, 2)) == pytest.approx(np.log(2) + 1 - 3 / 5, rel=1e-6)
+    assert float(S.segmentation_loss(uniform, labels, 2, smooth=1.0)) == pytest.approx(np.log(2) + 1 - 3 / 5,
+                                                                                     rel=1e-6)
+    # nnU-Net's smooth (the default): Dice of class 1 = (2 * 0.5 * 2) / (0.5 * 4 + 2) = 1 / 2
+    assert float(S.segmentation_loss(uniform, labels, 2)) == pytest.approx(np.log(2) + 1 - 1 / 2, rel=1e-4)
     perfect = 50.0 * jax.nn.one_hot(labels, 2)
     assert float(S.segmentation_loss(perfect, labels, 2)) == pytest.approx(0.0, abs=1e-6)
+
+
+def numpy_dice_ce(logits, labels, num_classes, dice_weight=1.0, smooth=1e-5):
+    """Reference: mean voxel CE + dice_weight * (1 - mean over foreground classes of batch soft Dice)."""
+    logits = np.asarray(logits, np.float64)
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    flat_logp, flat_labels = logp.reshape(-1, num_classes), np.asarray(labels).reshape(-1)
+    ce = -np.mean(flat_logp[np.arange(len(flat_labels)), flat_labels])
+    p = np.exp(flat_logp)
+    dices = []
+    for c in range(1, num_classes):
+        y = (flat_labels == c).astype(np.float64)
+        dices.append((2 * np.sum(p[:, c] * y) + smooth) / (np.sum(p[:, c]) + np.sum(y) + smooth))
+    return ce + dice_weight * (1 - np.mean(dices))
+
+
+@pytest.mark.parametrize("num_classes,dice_weight,smooth", [(2, 1.0, 1.0), (2, 0.5, 1e-5), (3, 2.0, 1.0)])
+def test_dice_ce_loss_matches_numpy(num_classes, dice_weight, smooth):
+    rng = np.random.default_rng(num_classes)
+    logits = rng.normal(size=(2, 5, 4, 3, num_classes)).astype(np.float32) * 3
+    labels = rng.integers(0, num_classes, size=(2, 5, 4, 3))
+    labels[1] = 0  # a crop without foreground: the batch Dice is still defined
+    got = S.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels), num_classes, dice_weight, smooth)
+    assert float(got) == pytest.approx(numpy_dice_ce(logits, labels, num_classes, dice_weight, smooth),
+                                       rel=1e-5)
+    empty = np.zeros_like(labels)  # no foreground anywhere: the Dice term only pushes predictions down
+    low, high = np.zeros_like(logits), np.zeros_like(logits)
+    low[..., 0], high[..., 1] = 5.0, 5.0
+    assert float(S.segmentation_loss(low, empty, num_classes)) < float(S.segmentation_loss(high, empty,
+                                                                                          num_classes))
 
 
 # ----------------------------------------------------------------------------------- Dice evaluator
@@ -199,6 +263,49 @@ def test_segmentation_evaluator_dice_matches_numpy():
     glob = _dice(preds.ravel(), targets.ravel().astype(bool))
     assert r["per_class"]["tumor"]["global_dice"] == pytest.approx(glob)
     assert r["per_case_dice"][2] == [None]
+
+
+def test_dice_per_tumour_type_matches_numpy():
+    """Two tumour types (lesion codes 2 and 7): per type, the mean case Dice over the cases holding it,
+    the pooled share of its voxels predicted, and the share of its cases with a hit (numpy reference)."""
+
+    def threshold_model(params, windows):
+        fg = (windows > 0.5).astype(jnp.float32)
+        return jnp.stack([1 - fg, fg], axis=-1) * 10.0
+
+    shape = (10, 9, 6)
+    images = np.zeros((4, *shape), np.float32)
+    targets = np.zeros((4, *shape), np.uint8)
+    lesions = np.zeros((4, *shape), np.uint8)
+    # case 0: type 2 found; case 1: type 2 half found + type 7 missed; case 2: type 7 found, a false positive
+    # elsewhere; case 3: no tumour, one false-positive voxel
+    targets[0, 1:4, 1:4, 1:3], lesions[0, 1:4, 1:4, 1:3], images[0, 1:4, 1:4, 1:3] = 1, 2, 1.0
+    targets[1, 1:5, 1:3, 1:3], lesions[1, 1:5, 1:3, 1:3], images[1, 1:3, 1:3, 1:3] = 1, 2, 1.0
+    targets[1, 7, 7, 4], lesions[1, 7, 7, 4] = 1, 7
+    targets[2, 5:7, 5:7, 2:4], lesions[2, 5:7, 5:7, 2:4], images[2, 5:7, 5:7, 2:4] = 1, 7, 1.0
+    images[2, 0, 0, 0] = images[3, 9, 8, 5] = 1.0
+    lesions[0, 0, 0, 0] = 9  # a non-tumour lesion code outside the mask: ignored
+    batches = [{"image": images[i : i + 1], "tumor_mask": targets[i : i + 1],
+                "lesion_map": lesions[i : i + 1]} for i in range(4)]
+    ev = S.SegmentationEvaluator(threshold_model, 2, (8, 8, 4), class_names=["tumor"], overlap=0.0,
+                                 type_names={2: "liver_mass", 7: "lung_nodule", 9: "renal_mass"})
+    r = ev.run(None, batches)
+    preds = images > 0.5
+    case_dice = [_dice(preds[i], targets[i].astype(bool)) for i in range(4)]
+    assert case_dice[3] == 0.0
+    per_type = r["per_type"]
+    assert set(per_type) == {"liver_mass", "lung_nodule"}  # renal_mass: no test case holds it
+    assert per_type["liver_mass"]["cases"] == 2
+    assert per_type["liver_mass"]["dice"] == pytest.approx((case_dice[0] + case_dice[1]) / 2)
+    assert per_type["liver_mass"]["sensitivity"] == pytest.approx((18 + 8) / (18 + 16))
+    assert per_type["liver_mass"]["detected"] == 1.0
+    assert per_type["lung_nodule"]["dice"] == pytest.approx((case_dice[1] + case_dice[2]) / 2)
+    assert per_type["lung_nodule"]["sensitivity"] == pytest.approx(8 / 9)
+    assert per_type["lung_nodule"]["detected"] == 0.5
+    tumour = r["per_class"]["tumor"]
+    assert tumour["dice"] == pytest.approx(np.mean(case_dice))  # the false-positive case counts 0
+    assert tumour["dice_target_cases"] == pytest.approx(np.mean(case_dice[:3]))
+    assert (tumour["cases_with_target"], tumour["cases_false_positive"]) == (3, 1)
 
 
 # ----------------------------------------------------------------------------------- training

@@ -4,9 +4,19 @@
                 mean-pooled encoder features; --mode full: encoder + linear head trained end to end,
                 the head started from a probe on training crops (LP-FT). Reports test AUC, and accuracy / F1 /
                 sensitivity / specificity at the ROC-optimal threshold, and the training curve.
-  segmentation  UNETR decoder on a ViT (1x1x1 head on the U-Net decoder for a CNN) trained on tumour
-                masks; --mode full (default) trains everything, probe freezes the encoder. Reports Dice
-                per class with sliding-window inference over whole test volumes.
+  segmentation  tumour masks, background + tumour. --mode full (default) fine-tunes encoder and decoder:
+                the UNETR decoder on a ViT (--head unetr), the U-Net's own decoder on a CNN (its final
+                map + a 1x1x1 conv: the U-Net has no separate head to choose); --mode probe freezes the
+                encoder (--head linear on a ViT: a per-token linear map to its patch, the frozen probe;
+                on a U-Net the frozen decoder + 1x1x1 conv). Loss: cross-entropy + soft Dice of the
+                tumour class (--dice-weight, 1 : 1). Every training batch holds tumour by design:
+                round(--foreground-fraction x batch) crops centred on a tumour voxel (a tumour-bearing
+                case, one of its tumour types, a voxel of it); the other crops are random crops of a case
+                drawn from the tumour-bearing ones with probability --tumour-case-fraction (default: the
+                split's own rate). Seeded per batch. Reports Dice per case (mean over cases with tumour
+                in prediction or target), over tumour-bearing cases, pooled, and per tumour type (the
+                synthetic phantom: mean case Dice over the test cases holding that type, plus the share
+                of its voxels found), by sliding-window inference over whole test volumes.
 
 --data is NAME[:CONFIG] (ctglip_synthetic:tiny, msd_tumor:liver, ...) or an MSD task folder (imagesTr/,
 labelsTr/, dataset.json), built on first use; default: the pretraining dataset. --from-scratch uses a
@@ -59,8 +69,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", choices=("unetr", "linear"), default="unetr",
                         help="segmentation on a ViT: UNETR decoder, or a per-token linear map to its patch "
                              "(a cheap probe, usually with --mode probe); a U-Net always uses its 1x1x1 head")
-    parser.add_argument("--foreground-fraction", type=float, default=1 / 3,
-                        help="segmentation: share of training crops centred on a tumour voxel (nnU-Net: 1/3)")
+    parser.add_argument("--foreground-fraction", type=float, default=0.5,
+                        help="segmentation: share of every training batch centred on a tumour voxel, "
+                             "round(f x batch) crops (default %(default)s)")
+    parser.add_argument("--tumour-case-fraction", type=float, default=None,
+                        help="segmentation: probability that a non-foreground crop comes from a "
+                             "tumour-bearing case (default: the training split's own rate)")
+    parser.add_argument("--dice-weight", type=float, default=1.0,
+                        help="segmentation: loss = cross-entropy + w x (1 - soft tumour Dice) (default 1)")
+    parser.add_argument("--foreground-prior", type=float, default=0.01,
+                        help="segmentation: the head starts at P(tumour) = this for every voxel (bias "
+                             "init; 0 = the plain init, 1/2)")
+    parser.add_argument("--decoder-features", type=int, default=8,
+                        help="segmentation, UNETR: decoder width at full resolution, doubling per level "
+                             "(default %(default)s; UNETR's paper: 16)")
+    parser.add_argument("--full-res", choices=("pointwise", "conv"), default="pointwise",
+                        help="segmentation, UNETR: full-resolution level 1x1x1 with the image's voxels fed "
+                             "to the half-resolution level (default; ~5x cheaper on CPU), or UNETR's conv "
+                             "blocks")
+    parser.add_argument("--encoder-lr-mult", type=float, default=1.0,
+                        help="segmentation --mode full: encoder learning rate = this x --lr")
     parser.add_argument("--out", default=None, help="output folder (default <workdir>/finetune)")
 
 
@@ -74,8 +102,12 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "detection":
         run_task, extra = finetune.run_detection, {}
     else:
-        run_task, extra = finetune.run_segmentation, {"overlap": args.overlap, "head": args.head,
-                                                  "foreground_fraction": args.foreground_fraction}
+        run_task, extra = finetune.run_segmentation, {
+            "overlap": args.overlap, "head": args.head, "foreground_fraction": args.foreground_fraction,
+            "tumour_case_fraction": args.tumour_case_fraction, "dice_weight": args.dice_weight,
+            "foreground_prior": args.foreground_prior or None, "decoder_features": args.decoder_features,
+            "full_res": args.full_res, "encoder_lr_mult": args.encoder_lr_mult,
+        }
     result = run_task(
         pretrained, data=args.data, mode=mode, steps=args.steps, lr=args.lr,
         crop=args.crop, seed=args.seed, from_scratch=args.from_scratch, data_dir=args.data_dir,

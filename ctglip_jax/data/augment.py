@@ -43,10 +43,6 @@ class AugmentConfig:
     hu_shift: float = 0.0
     window: tuple[float, float] = DEFAULT_WINDOW
     windows: tuple[Window, ...] = ()  # several: stacked as channels (X, Y, Z, C); () = `window` alone
-    # nnU-Net's foreground oversampling: this fraction of random crops is centred (+- a quarter crop) on a
-    # random voxel of `labels[foreground_key]` > 0, so rare small targets (tumours) reach the loss at all.
-    foreground_fraction: float = 0.0
-    foreground_key: str = "tumor_mask"
 
 
 def crop_or_pad_at(array: np.ndarray, start: Sequence[int], shape: Sequence[int], pad_value) -> np.ndarray:
@@ -74,22 +70,6 @@ def crop_start(
         draws = rng.integers(0, np.maximum(slack, 0) + 1)
         start = np.where(slack > 0, draws, start)
     return start
-
-
-def foreground_crop_start(
-    mask: np.ndarray, crop_shape: Sequence[int], rng: np.random.Generator
-) -> np.ndarray | None:
-    """A crop origin that puts a random voxel of `mask > 0` within a quarter crop of the centre, kept
-    inside the volume where it fits; None if the mask is empty."""
-    voxels = np.argwhere(mask > 0)
-    if not len(voxels):
-        return None
-    crop = np.asarray(crop_shape)
-    centre = voxels[rng.integers(len(voxels))]
-    jitter = rng.integers(-(crop // 4), crop // 4 + 1)
-    start = centre - crop // 2 + jitter
-    slack = np.asarray(mask.shape) - crop
-    return np.where(slack > 0, np.clip(start, 0, np.maximum(slack, 0)), slack // 2)
 
 
 def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -126,19 +106,12 @@ def augment(
     """(windowed float32 image, labels) cropped to `cfg.crop_shape`; `rng=None` = deterministic centre crop.
 
     Draw order (fixed, so a seed means the same augmentation everywhere): crop offset, one coin per flip
-    axis, HU scale, HU shift; with `foreground_fraction > 0`, a coin (and the foreground draws) first.
+    axis, HU scale, HU shift. (Tumour-centred crops for segmentation: `seg_batches.py`.)
     """
     for key, lab in labels.items():
         if lab.shape != volume.shape:
             raise ValueError(f"{key} shape {lab.shape} differs from volume shape {volume.shape}")
-    start = None
-    if rng is not None and cfg.random_crop and cfg.foreground_fraction > 0:
-        if cfg.foreground_key not in labels:
-            raise ValueError(f"foreground crops need {cfg.foreground_key!r}; labels: {sorted(labels)}")
-        if rng.random() < cfg.foreground_fraction:
-            start = foreground_crop_start(labels[cfg.foreground_key], cfg.crop_shape, rng)
-    if start is None:
-        start = crop_start(volume.shape, cfg.crop_shape, rng if cfg.random_crop else None)
+    start = crop_start(volume.shape, cfg.crop_shape, rng if cfg.random_crop else None)
     image = crop_or_pad_at(volume, start, cfg.crop_shape, AIR_HU)
     labels = {k: crop_or_pad_at(v, start, cfg.crop_shape, 0) for k, v in labels.items()}
     flips = [a for a in cfg.flip_axes if rng is not None and rng.random() < 0.5]

@@ -60,7 +60,6 @@ class PipelineConfig:
     hu_shift_jitter: float = 20.0
     window: tuple[float, float] = DEFAULT_WINDOW
     windows: tuple[tuple[float, float], ...] = ()  # several HU windows as image channels; () = `window`
-    foreground_fraction: float = 0.0  # share of random crops centred on a tumor_mask voxel (fine-tuning)
     crop_aware_labels: bool = True  # drop abnormal flags whose lesion is outside the crop (slots.py)
     seed: int = 0
     shuffle: bool = True
@@ -108,7 +107,6 @@ class PipelineConfig:
             hu_shift=self.hu_shift_jitter,
             window=tuple(self.window),
             windows=tuple(self.windows),
-            foreground_fraction=float(self.foreground_fraction),
         )
 
 
