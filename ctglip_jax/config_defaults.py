@@ -1,6 +1,7 @@
 """Shared defaults of the experiment configs in `configs/` (each file there calls `base`).
 
-Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the reference):
+Choices the paper leaves open, and why (docs/DESIGN.md, "Choices the paper leaves open, and ours"; fVLM,
+same group, is the reference):
 - temperature: learnable, init 0.07, clamped to [0.001, 0.5] (losses.clamp_logit_scale);
 - input: three HU windows as channels, lung [-1350, 150], soft tissue [-160, 240], bone [-500, 1300], each
   -> [0, 1] (one window, fVLM's [-1150, 350], clips everything above 350 HU - sclerotic bone lesions vanish -
@@ -8,7 +9,8 @@ Choices the paper leaves open, and why (DESIGN.md §1; fVLM, same group, is the 
   than `min_organ_voxels` voxels in the crop are dropped;
 - loss weights: organ-text 1, abnormality-text 1 (equal: neither term is known to dominate);
 - prompts: "A CT image of the {organ}." for organ recognition;
-- text tower: MiniLM-L6 (the offline default), frozen and cached on the host; mean pooling;
+- text tower: MiniLM-L6 (the offline default), mean pooling; its top `text.trainable_layers` layers train
+  (learning rate x `optim.text_lr_mult`), the frozen bottom runs on the host, cached (joint_text.py);
 - AdamW, weight decay 0.05, linear warmup then cosine, global-norm clip 1.0.
 """
 

@@ -1,9 +1,10 @@
 """Host-side text features for training with a frozen text tower: prompt bank, dictionary, batch texts.
 
-With the text tower frozen (the default on CPU, and fVLM's practice for its report encoder's lower layers),
-its pooled output for a given sentence never changes, so it is computed once per distinct text on the host
-(`TextEmbedder` caches by text) and the device step only applies the trainable text projection. Synthetic and
-real reports repeat their normal phrasings constantly, so after the first epochs almost every lookup is a hit.
+With the text tower frozen (`text.trainable_layers = 0`; fVLM's practice for its report encoder's lower
+layers), its pooled output for a given sentence never changes, so it is computed once per distinct text on the
+host (`TextEmbedder` caches by text) and the device step only applies the trainable text projection. Synthetic
+and real reports repeat their normal phrasings constantly, so after the first epochs almost every lookup is a
+hit.
 
 Text identity for the soft targets of the abnormality loss is a 31-bit CRC of the exact sentence: identical
 texts share a key, so they are never pushed apart as negatives.

@@ -4,10 +4,12 @@
     -> restore (automatic resume) -> loop: step, log, checkpoint, evaluate.
 
 The step is one `jax.jit` over global arrays with explicit in/out shardings and a donated train state, so the
-same code runs on one CPU, on 8 fake devices, and on a multi-host GPU/TPU mesh. The text tower is frozen and
-evaluated on the host (`text_features.TextBank`, cached per sentence): the device step trains the image tower,
-both projections and the temperature. Everything random derives from `config.seed`; the data-iterator state,
-RNG and optimizer state go into every checkpoint, so a resumed run is the uninterrupted run, bit for bit.
+same code runs on one CPU, on 8 fake devices, and on a multi-host GPU/TPU mesh. With `text.trainable_layers =
+k > 0` (default 2) the top k BERT layers train inside the step on cached lower-layer states (`joint_text.py`);
+with k = 0 the tower is frozen and evaluated on the host (`text_features.TextBank`, cached per sentence) and
+the step trains the image tower, both projections and the temperature. Everything random derives from
+`config.seed`; the data-iterator state, RNG and optimizer state go into every checkpoint, so a resumed run is
+the uninterrupted run, bit for bit.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ temp dir, then times, in the same run and process:
   ours_two_step  ct.load_ct(path) -> ct.resample(...) -> window_hu   (float32 HU volume first)
   nibabel_zoom   nib.load -> as_closest_canonical -> get_fdata -> scipy.ndimage.zoom(order=1) -> window
 and checks our output against scipy.ndimage.affine_transform(order=1) on our own grid.
-DESIGN.md section 3 measured MONAI's chain at 3.6 s/volume on this machine kind (not installed here).
+docs/DESIGN.md ("Baselines") records MONAI's chain at 3.6 s/volume on this machine kind (not installed here).
 
     python scripts/bench_preprocess.py [--repeats 3] [--spacing 1.5,1.5,3]
 
@@ -33,7 +33,7 @@ from ctglip_jax.data import ct  # noqa: E402
 
 SHAPE = (512, 512, 200)
 SPACING = (0.7, 0.7, 1.25)
-MONAI_REFERENCE_S = 3.6  # DESIGN.md section 3, same machine kind, 2 threads
+MONAI_REFERENCE_S = 3.6  # docs/DESIGN.md, "Baselines": same machine kind, 2 threads
 
 
 def write_phantom(path: str, seed: int = 0) -> None:

@@ -1,7 +1,8 @@
 """The synthetic phantom: determinism, anatomy (ids, orientation, HU), findings, masks, report ground truth.
 
 References are independent of the generator: nibabel for orientation codes, scipy.ndimage for connected
-components, the report parser for text recovery, and the HU ranges of DESIGN.md §2.
+components, the report parser for text recovery, and the HU ranges of docs/DESIGN.md
+("Data flow", the synthetic phantom).
 """
 
 from __future__ import annotations
@@ -184,7 +185,9 @@ def test_organs_are_mostly_one_connected_piece(normal_cases):
         assert n >= 1 and sizes.max() >= 0.9 * sizes.sum(), name
 
 
-HU_RANGES = {  # DESIGN.md §2: lung ~-850, liver ~55, spleen ~45, kidney ~35, muscle ~45, fluid 0-20, bone
+# docs/DESIGN.md, "Data flow" (the synthetic phantom): lung ~-850, liver ~55, spleen ~45, kidney ~35,
+# muscle ~45, fluid 0-20, bone 400-1000
+HU_RANGES = {
     "lung_upper_lobe_left": (-900, -780),
     "liver": (40, 70),
     "spleen": (30, 60),

@@ -1,10 +1,10 @@
 """Downstream evaluators: zero-shot organ recognition and abnormality detection, organ retrieval, tumour
 detection (linear probe, fine-tune) and tumour segmentation.
 
-Design (DESIGN.md §4): an evaluator receives *un-jitted* predict functions and jits them itself, once, with
-static shapes (the last batch is padded), so the same evaluator runs on a restored checkpoint, on a fake
-model in tests and under any mesh. Results are dicts of plain floats / lists (JSON-ready), including what a
-plot needs (ROC points, confusion matrices).
+Design (docs/DESIGN.md, "Conventions"): an evaluator receives *un-jitted* predict functions and jits them
+itself, once, with static shapes (the last batch is padded), so the same evaluator runs on a restored
+checkpoint, on a fake model in tests and under any mesh. Results are dicts of plain floats / lists
+(JSON-ready), including what a plot needs (ROC points, confusion matrices).
 
 The zero-shot evaluators need four functions of a two-tower model, bundled in `ZeroShotModel`;
 `ZeroShotModel.from_two_tower` builds them for `models.two_tower.TwoTower`, a test builds them by hand.

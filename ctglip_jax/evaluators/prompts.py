@@ -4,9 +4,9 @@ A prompt *ensemble* (CLIP's practice) embeds several phrasings of one class and 
 embeddings, then renormalises: the class vector sits in the middle of its phrasings, so one odd wording
 cannot decide the result. Templates are plain `str.format` strings; configs list them by value.
 
-Text is encoded in two stages (see `text_features.py`): the frozen text tower on the host (`TextEmbedder`,
-cached per sentence) and the trainable projection on device. `TextEncoder` joins the two into one
-`texts -> (N, E)` callable with the projection jitted once.
+Text is encoded in two stages (see `text_features.py`): the text tower on the host (`TextEmbedder`, cached per
+sentence; a workdir trained with `text.trainable_layers > 0` supplies its trained tower) and the projection on
+device. `TextEncoder` joins the two into one `texts -> (N, E)` callable with the projection jitted once.
 """
 
 from __future__ import annotations
