@@ -304,9 +304,7 @@ WORKERS = textwrap.dedent(
     import json, sys
     import numpy as np
     from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig
-    if __name__ == "__main__":
-        import absl.flags
-        absl.flags.FLAGS.mark_as_parsed()  # grain worker processes need parsed absl flags
+    if __name__ == "__main__":  # absl flags left unparsed, as under the `ctglip` CLI: the pipeline sees to it
         base = json.loads(sys.argv[1])
         with InputPipeline(PipelineConfig(**base)) as p:
             ref = [next(p) for _ in range(5)]

@@ -239,10 +239,20 @@ def make_dataset(
         grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch_batches)
     )
     if cfg.worker_count > 0:
+        _absl_flags_parsed()
         ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     if table is not None:
         ids = ids.map(table)
     return ids
+
+
+def _absl_flags_parsed() -> None:
+    """Grain's worker processes read absl flags and fail on unparsed ones; our CLI parses its own arguments
+    (argparse + ml_collections), so absl's are marked parsed (their defaults) unless an absl app did it."""
+    import absl.flags
+
+    if not absl.flags.FLAGS.is_parsed():
+        absl.flags.FLAGS.mark_as_parsed()
 
 
 def check_batch_divides(batch_size: int, mesh) -> None:
