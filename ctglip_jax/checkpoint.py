@@ -273,6 +273,16 @@ def checkpoint_step(workdir: os.PathLike | str, step: int | None = None) -> int:
     return int(step)
 
 
+def checkpoint_step_or_none(workdir: os.PathLike | str, step: int | None = None) -> int | None:
+    """`checkpoint_step`, or None where the workdir holds no complete checkpoint yet (a run not started)."""
+    try:
+        return checkpoint_step(workdir, step)
+    except InputNotFoundError:
+        if step is not None and (epath.Path(os.fspath(workdir)) / "checkpoints").is_dir():
+            raise  # a step that was asked for and is missing is an error, not "none yet"
+        return None
+
+
 def _locate_params(source: epath.Path, step: int | None) -> tuple[epath.Path, str | None]:
     """(Orbax item directory, subtree name or None) for an export, a step dir or a workdir."""
     if (source / "checkpoints").is_dir():

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ctglip_jax.checkpoint import checkpoint_step  # noqa: F401  (the step `pretrained.load` reads)
-from ctglip_jax.errors import ConfigError, InputNotFoundError
+from ctglip_jax.checkpoint import checkpoint_step_or_none
+from ctglip_jax.errors import ConfigError
 from ctglip_jax.eval_inputs import EXAMPLE_KEYS, EvaluationData, organ_embeddings  # noqa: F401
 
 EVALUATORS = ("organ", "abnormality", "retrieval")
@@ -195,7 +195,7 @@ def normal_statements(pretrained):
         for organ, entries in load_dictionary(path)["organs"].items():
             table[organ] = [e["text"] for e in entries if not e["abnormal"]]
     elif pretrained.config.data.dataset == objective.SYNTHETIC_DATASET:
-        from ctglip_jax.data.findings import normal_phrasings
+        from ctglip_jax.data.phantom_dictionary import normal_phrasings
 
         return normal_phrasings
     return lambda organ: table.get(organ, [])
@@ -271,11 +271,8 @@ def evaluate(
     say = progress or (lambda _: None)
     evaluators = parse_evaluators(evaluators)
     config, params = pretrained.config, pretrained.params
-    if step is None:
-        try:
-            step = checkpoint_step(pretrained.workdir)
-        except InputNotFoundError:
-            step = None  # params from elsewhere (an export): nothing to record
+    if step is None:  # None stays None for params from elsewhere (an export): nothing to record
+        step = checkpoint_step_or_none(pretrained.workdir)
     if data is None:
         data = EvaluationData(config, split, batch_size, max_cases, whole_scan=whole_scan)
     model = pretrained.zero_shot_model()

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax import checkpoint
 from ctglip_jax.errors import ConfigError, CTGlipInputError, InputNotFoundError
 
 MODES = ("probe", "full")
@@ -60,7 +61,7 @@ def load_pretrained(workdir: str | Path, step: int | None = None):
 
     `pretrained.load` also embeds the whole prompt bank with the text tower; here `bank` is None.
     """
-    from ctglip_jax import checkpoint, objective, pretrained
+    from ctglip_jax import objective, pretrained
 
     workdir = Path(workdir)
     if not workdir.is_dir():
@@ -69,18 +70,6 @@ def load_pretrained(workdir: str | Path, step: int | None = None):
     params = checkpoint.load_params(workdir, step=step)
     return pretrained.Pretrained(config=config, model=objective.make_model(config), params=params, bank=None,
                                  workdir=workdir)
-
-
-def checkpoint_step(workdir: Path, step: int | None) -> int | None:
-    """The step `load_params` reads: `step`, else the workdir's latest complete one."""
-    if step is not None:
-        return int(step)
-    from ctglip_jax import checkpoint
-
-    if not (Path(workdir) / "checkpoints").is_dir():
-        return None
-    with checkpoint.Checkpointer(workdir) as ckpt:
-        return ckpt.latest_step()
 
 
 def crop_multiple(tower) -> tuple[int, int, int]:
@@ -341,7 +330,7 @@ def _setup(task: str, pretrained, data, mode: str, steps, lr, batch_size: int, c
         "settings": settings,
         "pretrained": {
             "workdir": str(pretrained.workdir),
-            "step": checkpoint_step(pretrained.workdir, pretrained_step),
+            "step": checkpoint.checkpoint_step_or_none(pretrained.workdir, pretrained_step),
             "image_tower": str(pretrained.config.model.image_tower),
             "encoder": "random init (from scratch)" if from_scratch else "pretrained",
         },

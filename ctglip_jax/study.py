@@ -135,12 +135,12 @@ def run_one(settings: StudySettings, run: Run, data_dir: str, say: Callable[[str
     """Pretrain (resuming if a checkpoint exists), evaluate, and return the result row (metrics + cost)."""
     import jax
 
-    from ctglip_jax import config_lib, demo, finetune, pretrained, train
+    from ctglip_jax import checkpoint, config_lib, demo, pretrained, train
 
     run_dir = settings.out / "runs" / run.name
     workdir = run_dir / "workdir"
     config = config_lib.load_config(run.spec, overrides(settings, run, data_dir))
-    start_step = finetune.checkpoint_step(workdir, None) if workdir.exists() else None
+    start_step = checkpoint.checkpoint_step_or_none(workdir)
     t0 = time.perf_counter()
     result = train.train(config, str(workdir), devices=jax.devices()[:1])
     pretrain_s = time.perf_counter() - t0

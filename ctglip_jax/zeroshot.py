@@ -381,7 +381,7 @@ def run_zeroshot(
     import nibabel as nib
 
     from ctglip_jax import pretrained as pretrained_lib
-    from ctglip_jax.evaluation import checkpoint_step
+    from ctglip_jax.checkpoint import checkpoint_step
 
     queries = check_queries(queries)
     if mask_path is None and not queries:

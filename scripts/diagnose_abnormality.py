@@ -29,7 +29,8 @@ def main(argv=None) -> int:
 
     from ctglip_jax import pretrained
     from ctglip_jax.data import organs
-    from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, finding_phrasings, normal_phrasings
+    from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, finding_phrasings
+    from ctglip_jax.data.phantom_dictionary import normal_phrasings
     from ctglip_jax.evaluation import EvaluationData
     from ctglip_jax.evaluators import metrics as M
     from ctglip_jax.evaluators.abnormality_probe import abnormality_probe

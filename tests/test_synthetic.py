@@ -16,7 +16,7 @@ import pytest
 from scipy import ndimage
 
 from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import organs, synthetic
+from ctglip_jax.data import organs, phantom_dictionary, synthetic
 from ctglip_jax.errors import CTGlipInputError
 
 TINY = synthetic.PhantomConfig.preset("tiny")
@@ -256,7 +256,7 @@ def test_catalogue_size_and_templates():
 
 
 def test_abnormality_dictionary_covers_every_organ():
-    d = fcat.abnormality_dictionary()
+    d = phantom_dictionary.abnormality_dictionary()
     assert set(d) == set(organs.v1_names().values()) - {"face"}  # no report wording names the face
     assert all(len(v) >= 3 for v in d.values())
     assert any("cyst" in t for t in d["liver"]) and any("calculus" in t for t in d["kidney_left"])
@@ -267,7 +267,7 @@ def test_abnormality_dictionary_means_what_the_parser_reads():
     """Finding entries read as abnormal and normal entries as normal for their own organ: the loss labels
     dictionary entries with the parser (text_features.dictionary_entries)."""
     reports = pytest.importorskip("ctglip_jax.data.reports")
-    for name, texts in fcat.abnormality_dictionary().items():
+    for name, texts in phantom_dictionary.abnormality_dictionary().items():
         n_findings = sum(len(f.phrasings) for f in fcat.FINDINGS if name in f.organs)
         for k, text in enumerate(texts):
             parsed = reports.parse_report(text).get(name)

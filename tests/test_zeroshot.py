@@ -187,7 +187,8 @@ def test_pair_texts():
 
 
 def test_dictionary_pair_is_the_dictionary_split_into_finding_and_normal_texts():
-    from ctglip_jax.data.findings import abnormality_dictionary, finding_phrasings
+    from ctglip_jax.data.findings import finding_phrasings
+    from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
 
     cyst = FINDINGS_BY_NAME["liver_cyst"]
     present, absent = P.finding_pair_texts(cyst, "liver", ("dictionary", "short"))

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ctglip_jax import evaluation, pretrained
+    from ctglip_jax import checkpoint, evaluation, pretrained
 
     start = time.perf_counter()
     evaluators = evaluation.parse_evaluators(args.evaluators)  # fail on a typo before loading anything
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
         labels = read_labels(args.labels, read_spec(args.findings) if args.findings else None)
     config = pretrained.load_config(args.workdir)
-    step = evaluation.checkpoint_step(args.workdir, args.step)
+    step = checkpoint.checkpoint_step(args.workdir, args.step)
     data = evaluation.EvaluationData(  # fail fast
         config, args.split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
     )

@@ -13,7 +13,6 @@ tens of centimetres): that is the regime where organ-level grounding should beat
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 
 from ctglip_jax.data import organs
@@ -445,10 +444,9 @@ FINDINGS_BY_NAME: dict[str, Finding] = {f.name: f for f in FINDINGS}
 # Normal phrasings per v1 organ, used by the report writer (for organs mentioned one by one) and as
 # normal negatives in the abnormality dictionary. Group phrasings (lungs, kidneys, spine, ...) live in
 # report_writer.py, where the sentence structure is decided.
-_NORMAL_GENERIC = ("The {organ} is unremarkable.", "The {organ} is normal.", "No abnormality of the {organ}.")
 
 
-def _organ_text(name: str) -> str:
+def organ_text(name: str) -> str:
     """How a report names one organ: 'left upper lobe', 'left paraspinal muscle', 'L2 vertebra'."""
     if name.startswith("autochthon_"):
         return f"{name.rsplit('_', 1)[1]} paraspinal muscle"
@@ -456,31 +454,9 @@ def _organ_text(name: str) -> str:
     return readable.replace(" lung lobe", " lobe") if name.startswith("lung_") else readable
 
 
-# Organs the report parser has no words for: a dictionary entry about them would name no organ at all.
-_UNNAMEABLE = ("face",)
-
-
-@functools.cache
-def abnormality_dictionary() -> dict[str, list[str]]:
-    """{v1 organ name: [finding descriptions..., normal phrasings...]} for every v1 organ reports name.
-
-    Organs with catalogued findings get every phrasing of each of their findings (sizes and sub-organ
-    locations varied), then normal phrasings: the report writer's own for that organ plus generic ones.
-    Every other organ gets normal phrasings only, so the abnormality loss always has same-organ negatives.
-    'face' is left out: no report wording names it (a text about it would be assigned to no organ).
-    """
-    out: dict[str, list[str]] = {}
-    for name in organs.v1_names().values():
-        if name in _UNNAMEABLE:
-            continue
-        texts = [t for f in FINDINGS if name in f.organs for t in finding_phrasings(f, name)]
-        out[name] = list(dict.fromkeys(texts + normal_phrasings(name)))
-    return out
-
-
 def finding_phrasings(finding: Finding, organ_name: str) -> list[str]:
     """The dictionary's descriptions of `finding` in one organ (sizes and sub-organ locations varied)."""
-    organ = _organ_text(organ_name)
+    organ = organ_text(organ_name)
     side = "left" if organ_name.endswith("left") else "right"
     level = organ_name.removeprefix("vertebrae_") if organ_name.startswith("vertebrae_") else ""
     places = list(LOCATIONS[finding.location_set]) if finding.location_set else [organ]
@@ -489,16 +465,6 @@ def finding_phrasings(finding: Finding, organ_name: str) -> list[str]:
         size = ("12 mm", "2.5 cm", "7 mm")[k % 3] if finding.kind != "enlargement" else "16.0 cm"
         texts.append(fill(template, size=size, location=places[k % len(places)], side=side, level=level))
     return texts
-
-
-def normal_phrasings(organ_name: str) -> list[str]:
-    """The dictionary's normal statements about one organ: the report writer's own, then generic ones."""
-    from ctglip_jax.data import report_writer  # the writer imports this module
-
-    unit = report_writer.unit_of(organ_name)
-    texts = list(unit.normal) if unit is not None else []
-    texts += [t.format(organ=_organ_text(organ_name)) for t in _NORMAL_GENERIC]
-    return list(dict.fromkeys(texts))
 
 
 def fill(template: str, *, size: str = "", location: str = "", side: str = "", level: str = "") -> str:

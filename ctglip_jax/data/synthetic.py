@@ -584,7 +584,7 @@ def _choose_findings(rng, config: PhantomConfig) -> list[dict]:
             loc = str(rng.choice(free or list(fcat.LOCATIONS[f.location_set])))
             taken.add(loc)
         elif organ.startswith("lung_"):
-            loc = fcat._organ_text(organ)
+            loc = fcat.organ_text(organ)
         side = "left" if organ.endswith("left") else ("right" if organ.endswith("right") else "")
         out.append(
             dict(

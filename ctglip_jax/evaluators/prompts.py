@@ -99,7 +99,8 @@ def finding_pair_texts(
         if template == DICTIONARY_TEMPLATE:
             if isinstance(finding, str):
                 raise ConfigError("abnormality templates", "the 'dictionary' pair needs a Finding, not text")
-            from ctglip_jax.data.findings import finding_phrasings, normal_phrasings
+            from ctglip_jax.data.findings import finding_phrasings
+            from ctglip_jax.data.phantom_dictionary import normal_phrasings
 
             present += finding_phrasings(finding, organ_name)
             absent += normal_phrasings(organ_name)
