@@ -189,6 +189,20 @@ def test_segmentation_net_rejects():
         S.segmentation_net(object(), num_classes=2)
 
 
+@pytest.mark.parametrize("num_classes, prior", [(2, 0.01), (3, 0.2)])
+def test_prior_bias_starts_every_voxel_at_the_prior(num_classes, prior):
+    """A head whose last layer sees zero features outputs softmax(bias): background 1 - (C-1) pi, pi each."""
+    head = {"logits": {"kernel": np.zeros((4, num_classes), np.float32),
+                       "bias": np.zeros((num_classes,), np.float32)}, "other": {"x": 1}}
+    out = S.with_prior_bias(head, num_classes, prior)
+    probs = np.exp(out["logits"]["bias"]) / np.exp(out["logits"]["bias"]).sum()
+    expected = [1 - (num_classes - 1) * prior] + [prior] * (num_classes - 1)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    assert out["other"] == {"x": 1} and float(head["logits"]["bias"].sum()) == 0.0  # the input is not changed
+    with pytest.raises(ConfigError, match="foreground prior"):
+        S.with_prior_bias(head, num_classes, 1.0 / (num_classes - 1))
+
+
 def test_segmentation_loss_reference():
     labels = np.array([[[[0, 1], [1, 0]]]])  # (1, 1, 2, 2)
     uniform = jnp.zeros((*labels.shape, 2))
