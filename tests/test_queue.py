@@ -26,6 +26,14 @@ def make_queue(seed: int, q: int = 10, d: int = 8) -> dict[str, np.ndarray]:
     }
 
 
+def abnormality_loss(b, scale, queue):
+    """`losses.abnormality_text_loss` on a `make_batch` batch with a queue."""
+    return losses.abnormality_text_loss(
+        b["organ_emb"], b["text_emb"], b["valid"], b["keys"], b["normal"], b["organs"], b["dict_emb"],
+        b["dict_valid"], b["dict_keys"], b["dict_normal"], b["dict_organs"], scale, queue=queue,
+    )
+
+
 def ref_abnormality_queue(b, q, scale):
     n = len(b["organ_emb"])
     texts = [
@@ -81,21 +89,8 @@ def ref_clip_queue(img, txt, q, scale):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_abnormality_with_queue_matches_numpy(seed):
     b, q, scale = make_batch(seed), make_queue(seed), 7.0
-    loss, _ = jax.jit(losses.abnormality_text_loss)(
-        b["organ_emb"],
-        b["text_emb"],
-        b["valid"],
-        b["keys"],
-        b["normal"],
-        b["organs"],
-        b["dict_emb"],
-        b["dict_valid"],
-        b["dict_keys"],
-        b["dict_normal"],
-        b["dict_organs"],
-        jnp.float32(scale),
-        queue={k: v for k, v in q.items() if k != "image_emb"},
-    )
+    queue = {k: v for k, v in q.items() if k != "image_emb"}
+    loss, _ = jax.jit(abnormality_loss)(b, jnp.float32(scale), queue)
     np.testing.assert_allclose(float(loss), ref_abnormality_queue(b, q, scale), rtol=1e-5)
 
 
@@ -140,21 +135,7 @@ def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
     q = {k: jnp.asarray(v) for k, v in make_queue(0).items() if k != "image_emb"}
 
     def loss(queue_emb):
-        return losses.abnormality_text_loss(
-            b["organ_emb"],
-            b["text_emb"],
-            b["valid"],
-            b["keys"],
-            b["normal"],
-            b["organs"],
-            b["dict_emb"],
-            b["dict_valid"],
-            b["dict_keys"],
-            b["dict_normal"],
-            b["dict_organs"],
-            jnp.float32(5.0),
-            queue={**q, "organ_emb": queue_emb},
-        )[0]
+        return abnormality_loss(b, jnp.float32(5.0), {**q, "organ_emb": queue_emb})[0]
 
     assert not np.asarray(jax.grad(loss)(q["organ_emb"])).any()  # memory, not a parameter
 
