@@ -35,7 +35,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dicom": ["pydicom==3.0.2"],
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "pydicom==3.0.2"],
+    # Scale-out dataset builds (`ctglip build-data ... --beam-runner`); pins protobuf < 7 on its own.
+    "beam": ["apache-beam==2.77.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "ruff==0.17.6", "pydicom==3.0.2", "apache-beam==2.77.0"],
 }
 
 setup(

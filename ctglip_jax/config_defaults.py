@@ -97,6 +97,9 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             rows_per_example=8 if runlocal else 16,  # packed rows of max_length tokens in the text table
             max_report_sentences=32,  # sentences of a report averaged for the global (CLIP) term
             cache_mb=1024,  # host cache of the frozen layers' states; least recently used evicted first
+            # Build-time text features (`ctglip build-text-features`, text_store.py): auto = the dataset's for
+            # this tower when built, off = always on the host, or a store folder (refused if another tower's).
+            features="auto",
         )
     )
 

@@ -171,8 +171,10 @@ class LowerStates:
         max_length: int,
         batch_size: int = 32,
         cache_mb: float = 1024.0,
+        store: Any = None,
     ):
         self.bert, full, self.tokenizer = load_bert(model_dir or None)
+        self.store = store  # build-time states (text_store.TextStore), read before computing
         self.k = k
         self.start = self.bert.num_hidden_layers - k
         self.max_length = min(int(max_length), self.bert.max_position_embeddings)
@@ -215,6 +217,11 @@ class LowerStates:
     def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
         with self._lock:
             todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if todo and self.store is not None:
+                for text, value in zip(todo, self.store.get(todo), strict=True):
+                    if value is not None:
+                        self._put(text, value)
+                todo = [t for t in todo if t not in self._cache]
             if todo:
                 self._compute(todo)
             out = []
@@ -503,10 +510,12 @@ def make_joint_text(
     process_count: int = 1,
     example_offset: int = 0,
     dictionary: Mapping[str, Sequence[str]] | None = None,
+    store: Any = None,
 ) -> JointText:
     """Builds the host side of joint text training from a config (k = config.text.trainable_layers > 0).
 
-    `dictionary` ({organ: [texts]}) is the abnormality dictionary (None: the loss has none)."""
+    `dictionary` ({organ: [texts]}) is the abnormality dictionary (None: the loss has none); `store` the
+    build-time text features (`text_store.TextStore`, None: the bottom runs on the host)."""
     check_config(config)
     k = trainable_layers(config)
     lower = LowerStates(
@@ -515,6 +524,7 @@ def make_joint_text(
         max_length=int(config.text.max_length),
         batch_size=int(config.text.batch_size),
         cache_mb=float(config.text.cache_mb),
+        store=store,
     )
     lay = layout(config, local_batch, process_count, example_offset)
     entries = dictionary_entries(dictionary) if dictionary else None

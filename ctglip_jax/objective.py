@@ -94,7 +94,8 @@ def _progress(message: str) -> None:
 
 
 def make_text_bank(
-    config: ml_collections.ConfigDict, embedder=None, *, with_dictionary: bool = True, dictionary=None
+    config: ml_collections.ConfigDict, embedder=None, *, with_dictionary: bool = True, dictionary=None,
+    store=None,
 ) -> TextBank:
     """The frozen text tower on the host, its prompt bank and (if used) the abnormality dictionary
     (`dictionary`, default: `resolve_dictionary(config)`).
@@ -109,6 +110,7 @@ def make_text_bank(
             pooling=config.text.pooling,
             max_length=int(config.text.max_length),
             batch_size=int(config.text.batch_size),
+            store=store,
         )
     if not with_dictionary:
         dictionary = None

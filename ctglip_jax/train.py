@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 from ctglip_jax import checkpoint as ckpt_lib
-from ctglip_jax import config_lib, joint_text, objective, optim, sharding
+from ctglip_jax import config_lib, joint_text, objective, optim, sharding, text_store_build
 from ctglip_jax.errors import CTGlipInputError
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,17 @@ class TextSide:
     init_text: dict | None = None  # pretrained top-layer params the train state starts from
 
 
-def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding, workdir: str | None = None
-                   ) -> TextSide:
+def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding, workdir: str | None = None,
+                   store=None) -> TextSide:
     """Text inputs of the step; the abnormality dictionary is the config's (objective.resolve_dictionary;
     a corpus dictionary is built on first use and kept in `workdir`)."""
     dictionary = objective.resolve_dictionary(config, workdir)
+    if jax.process_index() == 0:
+        print(f"text features: {store.path} ({len(store)} texts, built with the data)" if store is not None
+              else "text features: computed on the host as batches need them (build them once with "
+              "`ctglip build-text-features` and the loop reads them instead)", flush=True)
     if not joint_text.trainable_layers(config):
-        bank = objective.make_text_bank(config, dictionary=dictionary)
+        bank = objective.make_text_bank(config, dictionary=dictionary, store=store)
         with_report = float(config.loss.get("global_clip", 0.0)) > 0
         return TextSide(bank.constants(), {},
                         lambda b: _host_batch_to_device(b, bank, batch_sharding, with_report))
@@ -101,6 +105,7 @@ def make_text_side(config: ml_collections.ConfigDict, mesh, batch_sharding, work
         local_batch=global_batch // jax.process_count(),
         process_count=jax.process_count(),
         example_offset=sharding.process_example_offset(batch_sharding, global_batch),
+        store=store,
     )
     keys = objective.IMAGE_BATCH_KEYS + joint_text.device_keys(config)
 
@@ -169,6 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
     objective.dictionary_source(config)  # the phantom's catalogue never reaches a model of user data
     check_workdir_matches(config, workdir)
+    text_features = text_store_build.open_for_training(config)  # another tower's: refused, nothing written
     maybe_initialize_distributed(config)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -181,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     check_batch_divides(int(config.data.batch_size), mesh)
 
     # ---- text: frozen tower on the host, or the trainable top layers' text table from the pipeline
-    text = make_text_side(config, mesh, batch_sharding, workdir)
+    text = make_text_side(config, mesh, batch_sharding, workdir, text_features)
     consts = jax.device_put(text.consts, replicated)
 
     # ---- data

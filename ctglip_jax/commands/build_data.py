@@ -26,6 +26,14 @@ and listed. CT-RATE itself (its validation set is the usual test set):
       --reports-csv train_reports.csv:train --reports-csv validation_reports.csv:test \\
       --spacing 1.5,1.5,3 --shape 224,224,128
 
+Apache Beam (pip install 'ctglip-jax[beam]'): --beam-runner RUNNER [--beam-pipeline-options "..."]
+builds the same records, in the same order, with the cases processed by Beam's workers. On this machine:
+
+  ctglip build-data ctglip_nifti --manual-dir ~/my_cts --config coarse --beam-runner DirectRunner \
+      --beam-pipeline-options "--direct_num_workers=2 --direct_running_mode=multi_processing"
+
+Dataflow, Flink and Spark: see the README ("Building on Apache Beam").
+
 The data dir defaults to $CTGLIP_DATA_DIR, else ~/tensorflow_datasets. An existing build is reused (the
 layout flags do not name the dataset). Broken user cases are skipped; the summary lists them with reasons
 (also in skipped.json in the dataset folder).
@@ -52,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manual-dir", default=None, help="folder with your files (ctglip_nifti, msd_tumor)")
     parser.add_argument("--data-dir", default=None, help="where datasets are written (default: see above)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    beam = parser.add_argument_group("Apache Beam (pip install 'ctglip-jax[beam]')")
+    beam.add_argument("--beam-runner", metavar="RUNNER",
+                      help="build on Beam: DirectRunner, DataflowRunner, FlinkRunner, SparkRunner, ...")
+    beam.add_argument("--beam-pipeline-options", metavar='"--k=v ..."',
+                      help="Beam pipeline options, one string (e.g. \"--direct_num_workers=2\")")
     grid = parser.add_argument_group("your own grid (ctglip_nifti, msd_tumor)")
     grid.add_argument("--spacing", metavar="X,Y,Z", help="voxel size in mm along R, A, S (with --shape)")
     grid.add_argument("--shape", metavar="X,Y,Z", help="volume shape in voxels (with --spacing)")
@@ -141,6 +154,19 @@ def nifti_source(args: argparse.Namespace):
     )
 
 
+def beam_setup(args: argparse.Namespace):
+    """(runner, options) for a Beam build, None without --beam-runner; problems raise ConfigError."""
+    from ctglip_jax.errors import ConfigError
+
+    if args.beam_runner is None:
+        if args.beam_pipeline_options is not None:
+            raise ConfigError("--beam-pipeline-options", "only with --beam-runner")
+        return None
+    from tfds_builders.beam_options import pipeline_setup
+
+    return pipeline_setup(args.beam_runner, args.beam_pipeline_options)
+
+
 def run(args: argparse.Namespace) -> int:
     from ctglip_jax.data import datasets
     from ctglip_jax.errors import CTGlipInputError
@@ -149,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     source = nifti_source(args)
     if args.name != "ctglip_synthetic" and not args.manual_dir:
         raise CTGlipInputError(args.name, "needs --manual-dir (the folder holding your files)")
-    summary = datasets.build(args.name, config, args.data_dir, args.manual_dir, source=source)
+    beam = beam_setup(args)
+    summary = datasets.build(args.name, config, args.data_dir, args.manual_dir, source=source, beam=beam)
     if args.json:
         print(json.dumps({
             "name": summary.name, "config": summary.config, "data_dir": summary.data_dir,

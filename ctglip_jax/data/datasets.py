@@ -170,8 +170,12 @@ def build(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     source: Any = None,
+    beam: tuple[Any, Any] | None = None,
 ) -> BuildSummary:
     """Build (if missing) and summarise. Problems with user files raise `CTGlipInputError`.
+
+    `beam` = (runner, PipelineOptions) (see `tfds_builders.beam_options.pipeline_setup`) builds on Apache
+    Beam: the same records in the same order, the cases processed by the runner's workers.
 
     `source` (e.g. `tfds_builders.ctglip_nifti.NiftiSource`) tells a builder with a `source` attribute how
     to read `manual_dir` (the CT-RATE layout, TotalSegmentator v2 masks); it is set on the builder before
@@ -190,7 +194,10 @@ def build(
     if not reused:
         if manual_dir is not None and not Path(manual_dir).is_dir():
             raise CTGlipInputError(manual_dir, "manual dir does not exist")
-        download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+        runner, options = beam or (None, None)
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=manual_dir, beam_runner=runner, beam_options=options
+        )
         builder.download_and_prepare(file_format="array_record", download_config=download_config)
     return BuildSummary(
         name=name,

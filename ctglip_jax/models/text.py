@@ -393,6 +393,7 @@ class TextEmbedder:
         dtype: Any = jnp.float32,
         precision: str | None = "highest",
         loaded: tuple[BertConfig, dict, Any] | None = None,
+        store: Any = None,
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -404,6 +405,7 @@ class TextEmbedder:
         self.pooling, self.normalize, self.precision = pooling, normalize, precision
         self._params = jax.device_put(params)
         self._cache: dict[str, np.ndarray] = {}
+        self.store = store  # build-time features (text_store.TextStore) read before computing; not cached
         self.forward_calls = 0  # number of compiled-forward invocations (lets tests see the cache work)
         encoder = BertEncoder(self.config, dtype)
 
@@ -457,6 +459,10 @@ class TextEmbedder:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str")
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        stored: dict[str, np.ndarray] = {}
+        if todo and self.store is not None:
+            stored = {t: v for t, v in zip(todo, self.store.get(todo), strict=True) if v is not None}
+            todo = [t for t in todo if t not in stored]
         if todo:
             tokens = self.tokenize(todo)
             lengths = tokens["attention_mask"].sum(axis=1)
@@ -481,7 +487,7 @@ class TextEmbedder:
                         self._cache[todo[i]] = vector
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._cache[t] for t in texts])
+        return np.stack([stored[t] if t in stored else self._cache[t] for t in texts])
 
     def _bucket(self, n: int) -> int:
         """Token bucket of a text of `n` tokens: the next power of two >= n, within [16, max_length]."""

@@ -34,6 +34,7 @@ an error naming the manifest (or the CSVs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -41,9 +42,9 @@ import tensorflow_datasets as tfds
 
 from ctglip_jax.data import datasets
 from ctglip_jax.errors import CTGlipInputError
+from tfds_builders.case_examples import BuildsCases
 from tfds_builders.ctglip_nifti import ctrate, grid, masks
 from tfds_builders.ctglip_nifti.preprocess import Preprocess, preprocess_case
-from tfds_builders.ctglip_nifti.skipping import SkipsBrokenCases
 from tfds_builders.ctglip_nifti.source import SPLITS, Case, NiftiSource, resolve
 
 MANIFEST = "cases.jsonl"
@@ -113,7 +114,7 @@ def read_manifest(manual_dir: Path) -> tuple[list[Case], list[dict[str, str]]]:
     return cases, skipped
 
 
-class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
+class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
     """The user's NIfTI CTs + TotalSegmentator label maps + reports, preprocessed to one grid.
 
     `source` says where and how the files are read (`datasets.build(..., source=...)` sets it).
@@ -176,30 +177,33 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
             self.skip(**s)
         cases = self.usable_cases(cases, lambda c: c.case_id, where)
         by_split = {split: [c for c in cases if c.split == split] for split in SPLITS}
-        return {split: self._generate_examples(group) for split, group in by_split.items() if group}
+        return {split: self._generate_examples(split, group) for split, group in by_split.items() if group}
 
-    def _generate_examples(self, cases: list[Case]):
-        from ctglip_jax.data.reports import parse_report
+    def _generate_examples(self, split: str, cases: list[Case]):
+        make = functools.partial(case_example, preprocess=self.builder_config.preprocess,
+                                 mask_version=self.source.mask_version)
+        return self.examples(split, cases, make, case_key)
 
-        cfg = self.builder_config.preprocess
-        version = self.source.mask_version
-        load_labels = masks.label_loader(version) if version else None
-        for case in cases:
-            try:
-                parsed = parse_report(case.report, source=case.case_id)
-                arrays = preprocess_case(case.ct, case.mask, cfg, load_labels)
-                label_map = datasets.as_label_map(arrays["labels"], source=case.mask)
-            except CTGlipInputError as e:
-                self.skip(case.case_id, str(e))
-                continue
-            yield case.case_id, {
-                "case_id": case.case_id,
-                "volume": arrays["volume"],
-                "label_map": label_map,
-                "spacing": arrays["spacing"],
-                "affine": arrays["affine"],
-                **datasets.parsed_report_arrays(case.report, parsed),
-            }
 
+def case_key(case: Case) -> str:
+    return case.case_id
+
+
+def case_example(case: Case, preprocess: Preprocess, mask_version: str | None) -> dict:
+    """One case's record (module level: Beam pickles it to its workers); a broken case raises."""
+    from ctglip_jax.data.reports import parse_report
+
+    parsed = parse_report(case.report, source=case.case_id)
+    load_labels = masks.label_loader(mask_version) if mask_version else None
+    arrays = preprocess_case(case.ct, case.mask, preprocess, load_labels)
+    label_map = datasets.as_label_map(arrays["labels"], source=case.mask)
+    return {
+        "case_id": case.case_id,
+        "volume": arrays["volume"],
+        "label_map": label_map,
+        "spacing": arrays["spacing"],
+        "affine": arrays["affine"],
+        **datasets.parsed_report_arrays(case.report, parsed),
+    }
 
 __all__ = ["Builder", "Case", "NiftiConfig", "NiftiSource", "Preprocess"]

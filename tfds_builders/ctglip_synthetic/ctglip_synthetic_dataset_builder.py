@@ -15,11 +15,13 @@ organ slots without parsing text.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from ctglip_jax.data import datasets
+from tfds_builders.case_examples import BuildsCases
 
 _SPLITS = ("train", "validation", "test")
 
@@ -43,7 +45,7 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
     """Synthetic CT-report pairs; `tiny` for tests, `small` for the demo, `medium`/`large` for real runs."""
 
     name = "ctglip_synthetic"
@@ -108,34 +110,43 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for split in _SPLITS:
             size = self.builder_config.split_sizes()[split]
             if size > 0:
-                generators[split] = self._generate_examples(range(start, start + size))
+                generators[split] = self._generate_examples(split, range(start, start + size))
             start += size
         return generators
 
-    def _generate_examples(self, indices):
-        from ctglip_jax.data import organs
-        from ctglip_jax.data.findings import FINDINGS
-        from ctglip_jax.data.synthetic import generate_case
+    def _generate_examples(self, split: str, indices):
+        config = self.builder_config
+        make, case_id = (functools.partial(f, config=config) for f in (phantom_example, phantom_id))
+        return self.examples(split, list(indices), make, case_id)
 
-        phantom = self._phantom_config()
-        finding_index = {f.name: i for i, f in enumerate(FINDINGS)}
-        for index in indices:
-            case = generate_case(case_seed(self.builder_config.seed, index), phantom)
-            labels = np.zeros(len(FINDINGS), np.int8)
-            finding_organ = np.zeros(len(FINDINGS), np.int16)
-            for finding in case.findings:
-                labels[finding_index[finding["name"]]] = 1
-                finding_organ[finding_index[finding["name"]]] = organs.organ_id(finding["organ"])
-            case_id = f"{self.builder_config.name}_{index:06d}"
-            yield case_id, {
-                "case_id": case_id,
-                "volume": np.asarray(case.volume, np.int16),
-                "label_map": datasets.as_label_map(case.label_map, source=case_id),
-                "spacing": np.asarray(case.spacing, np.float32),
-                "affine": np.asarray(case.affine, np.float32),
-                "tumor_mask": np.asarray(case.tumor_mask, np.uint8),
-                "lesion_map": np.asarray(case.lesion_map, np.uint8),
-                "finding_labels": labels,
-                "finding_organ": finding_organ,
-                **datasets.organ_report_arrays(case.report, case.organ_texts, case.abnormal),
-            }
+
+def phantom_id(index: int, config: SyntheticConfig) -> str:
+    return f"{config.name}_{index:06d}"
+
+
+def phantom_example(index: int, config: SyntheticConfig) -> dict:
+    """Phantom `index` of the config as a record (module level: Beam pickles it to its workers)."""
+    from ctglip_jax.data import organs
+    from ctglip_jax.data.findings import FINDINGS
+    from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+
+    finding_index = {f.name: i for i, f in enumerate(FINDINGS)}
+    case = generate_case(case_seed(config.seed, index), PhantomConfig.preset(config.preset))
+    labels = np.zeros(len(FINDINGS), np.int8)
+    finding_organ = np.zeros(len(FINDINGS), np.int16)
+    for finding in case.findings:
+        labels[finding_index[finding["name"]]] = 1
+        finding_organ[finding_index[finding["name"]]] = organs.organ_id(finding["organ"])
+    case_id = phantom_id(index, config)
+    return {
+        "case_id": case_id,
+        "volume": np.asarray(case.volume, np.int16),
+        "label_map": datasets.as_label_map(case.label_map, source=case_id),
+        "spacing": np.asarray(case.spacing, np.float32),
+        "affine": np.asarray(case.affine, np.float32),
+        "tumor_mask": np.asarray(case.tumor_mask, np.uint8),
+        "lesion_map": np.asarray(case.lesion_map, np.uint8),
+        "finding_labels": labels,
+        "finding_organ": finding_organ,
+        **datasets.organ_report_arrays(case.report, case.organ_texts, case.abnormal),
+    }

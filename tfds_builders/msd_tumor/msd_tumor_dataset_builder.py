@@ -21,6 +21,7 @@ Besides the presets, a config may be named from its grid (`ctglip build-data msd
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -28,9 +29,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ctglip_jax.errors import ConfigError, CTGlipInputError
+from tfds_builders.case_examples import BuildsCases
 from tfds_builders.ctglip_nifti import grid
 from tfds_builders.ctglip_nifti.preprocess import Preprocess, preprocess_case
-from tfds_builders.ctglip_nifti.skipping import SkipsBrokenCases
 
 DATASET_JSON = "dataset.json"
 SPLITS = ("train", "validation", "test")
@@ -79,7 +80,7 @@ def read_task(manual_dir: Path) -> list[dict[str, Path]]:
     return cases
 
 
-class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
+class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
     """MSD task folder -> volume, label, tumor mask and tumor-present label per case."""
 
     name = "msd_tumor"
@@ -138,30 +139,35 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
         cases = self.usable_cases(read_task(manual_dir), lambda c: c["case_id"], manual_dir / DATASET_JSON)
         splits = split_cases([c["case_id"] for c in cases], self.builder_config)
         return {
-            split: self._generate_examples([c for c in cases if splits[c["case_id"]] == split])
+            split: self._generate_examples(split, [c for c in cases if splits[c["case_id"]] == split])
             for split in SPLITS
             if any(splits[c["case_id"]] == split for c in cases)
         }
 
-    def _generate_examples(self, cases: list[dict]):
-        cfg = self.builder_config
-        for case in sorted(cases, key=lambda c: c["case_id"]):
-            try:
-                for key in ("image", "label"):
-                    if not case[key].exists():
-                        raise CTGlipInputError(case[key], f"{key} file not found")
-                arrays = preprocess_case(case["image"], case["label"], cfg.preprocess)
-            except CTGlipInputError as e:
-                self.skip(case["case_id"], str(e))
-                continue
-            label = arrays["labels"].astype(np.uint8)
-            tumor = np.isin(label, cfg.tumor_labels) if cfg.tumor_labels else label > 0
-            yield case["case_id"], {
-                "case_id": case["case_id"],
-                "volume": arrays["volume"],
-                "label": label,
-                "tumor_mask": tumor.astype(np.uint8),
-                "has_tumor": np.int8(tumor.any()),
-                "spacing": arrays["spacing"],
-                "affine": arrays["affine"],
-            }
+    def _generate_examples(self, split: str, cases: list[dict]):
+        cases = sorted(cases, key=case_key)
+        make = functools.partial(case_example, config=self.builder_config)
+        return self.examples(split, cases, make, case_key)
+
+
+def case_key(case: dict) -> str:
+    return case["case_id"]
+
+
+def case_example(case: dict, config: MSDConfig) -> dict:
+    """One case's record (module level: Beam pickles it to its workers); a broken case raises."""
+    for key in ("image", "label"):
+        if not case[key].exists():
+            raise CTGlipInputError(case[key], f"{key} file not found")
+    arrays = preprocess_case(case["image"], case["label"], config.preprocess)
+    label = arrays["labels"].astype(np.uint8)
+    tumor = np.isin(label, config.tumor_labels) if config.tumor_labels else label > 0
+    return {
+        "case_id": case["case_id"],
+        "volume": arrays["volume"],
+        "label": label,
+        "tumor_mask": tumor.astype(np.uint8),
+        "has_tumor": np.int8(tumor.any()),
+        "spacing": arrays["spacing"],
+        "affine": arrays["affine"],
+    }
