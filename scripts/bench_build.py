@@ -24,43 +24,51 @@ from ctglip_jax.data import datasets
 from ctglip_jax.data.synthetic import PhantomConfig, generate_case
 from tfds_builders.beam_options import pipeline_setup
 
-GRID = "grid_2x2x2_96x80x112_m10"  # 2 mm: every case is resampled (the phantom is stored at its own spacing)
+GRID = "grid_3x3x3_128x112x160_m10"  # 3 mm: every case is resampled (phantoms have their own spacing)
 
 
-def write_folder(root: Path, n: int, preset: str, report_fn=lambda report, case: report) -> None:
+def write_folder(
+    root: Path, n: int, preset: str, report_fn=lambda report, case: report, distinct: int | None = None
+) -> None:
+    """n cases; with `distinct` < n the cases cycle through that many phantoms (files written once, read
+    once per case by the build, which is what is timed), so large phantoms stay quick to set up."""
     (root / "ct").mkdir(parents=True)
     (root / "seg").mkdir()
     lines = []
     config = PhantomConfig.preset(preset)
-    for i in range(n):
+    phantoms = []
+    for i in range(min(n, distinct or n)):
         case = generate_case(1000 + i, config)
         affine = np.asarray(case.affine, np.float64)
-        nib.save(nib.Nifti1Image(np.asarray(case.volume, np.int16), affine), root / f"ct/c{i:04d}.nii.gz")
-        nib.save(nib.Nifti1Image(np.asarray(case.label_map, np.uint8), affine), root / f"seg/c{i:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(case.volume, np.int16), affine), root / f"ct/p{i:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(case.label_map, np.uint8), affine), root / f"seg/p{i:04d}.nii.gz")
+        phantoms.append(case.report)
+    for i in range(n):
+        p = i % len(phantoms)
         split = "test" if i % 10 == 0 else "validation" if i % 10 == 1 else "train"
         lines.append(
             {
                 "case_id": f"c{i:04d}",
-                "ct": f"ct/c{i:04d}.nii.gz",
-                "mask": f"seg/c{i:04d}.nii.gz",
-                "report": report_fn(case.report, i),
+                "ct": f"ct/p{p:04d}.nii.gz",
+                "mask": f"seg/p{p:04d}.nii.gz",
+                "report": report_fn(phantoms[p], i),
                 "split": split,
             }
         )
     (root / "cases.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
 
 
-def timed_build(folder: Path, data_dir: Path, beam) -> float:
+def timed_build(folder: Path, data_dir: Path, beam, grid: str) -> float:
     start = time.perf_counter()
-    summary = datasets.build("ctglip_nifti", GRID, str(data_dir), str(folder), beam=beam)
+    summary = datasets.build("ctglip_nifti", grid, str(data_dir), str(folder), beam=beam)
     assert not summary.reused and not summary.skipped, summary
     return time.perf_counter() - start
 
 
-def same_records(a: Path, b: Path) -> bool:
+def same_records(a: Path, b: Path, grid: str) -> bool:
     for split in ("train", "validation", "test"):
-        ra = datasets.data_source("ctglip_nifti", GRID, split, str(a))
-        rb = datasets.data_source("ctglip_nifti", GRID, split, str(b))
+        ra = datasets.data_source("ctglip_nifti", grid, split, str(a))
+        rb = datasets.data_source("ctglip_nifti", grid, split, str(b))
         if len(ra) != len(rb):
             return False
         for i in range(len(ra)):
@@ -76,27 +84,29 @@ def main() -> None:
     )
     parser.add_argument("--cases", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--preset", default="small", help="phantom preset of the written cases")
+    parser.add_argument("--preset", default="medium", help="phantom preset of the written cases")
+    parser.add_argument("--grid", default=GRID, help="ctglip_nifti config the folder is built on")
+    parser.add_argument("--distinct", type=int, default=16, help="distinct phantoms the cases cycle through")
     parser.add_argument("--repeats", type=int, default=1, help="alternating (one process, Beam) pairs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_build_"))
     try:
         start = time.perf_counter()
-        write_folder(root / "cases", args.cases, args.preset)
+        write_folder(root / "cases", args.cases, args.preset, distinct=args.distinct)
         written = time.perf_counter() - start
         options = f"--direct_num_workers={args.workers} --direct_running_mode=multi_processing"
         local, beam = [], []
         for r in range(args.repeats):  # alternate, so both see the same machine load
-            local.append(timed_build(root / "cases", root / f"local{r}", None))
-            beam.append(
-                timed_build(root / "cases", root / f"beam{r}", pipeline_setup("DirectRunner", options))
-            )
+            local.append(timed_build(root / "cases", root / f"local{r}", None, args.grid))
+            on_beam = pipeline_setup("DirectRunner", options)
+            beam.append(timed_build(root / "cases", root / f"beam{r}", on_beam, args.grid))
         print(
             json.dumps(
                 {
                     "cases": args.cases,
-                    "grid": GRID,
+                    "grid": args.grid,
                     "preset": args.preset,
+                    "distinct_phantoms": min(args.distinct, args.cases),
                     "write_folder_s": round(written, 1),
                     "one_process_s": [round(t, 1) for t in local],
                     "beam_s": [round(t, 1) for t in beam],
@@ -104,7 +114,7 @@ def main() -> None:
                     "beam_cases_per_s": round(args.cases / min(beam), 2),
                     "beam_speedup": round(min(local) / min(beam), 2),
                     "beam_options": options,
-                    "identical_records": same_records(root / "local0", root / "beam0"),
+                    "identical_records": same_records(root / "local0", root / "beam0", args.grid),
                 }
             )
         )
