@@ -44,6 +44,8 @@ def pipeline_setup(runner: str, options: str | None):
     for previous, flag in zip([""] + flags, flags, strict=False):
         if not flag.startswith("--") and not (previous.startswith("--") and "=" not in previous):
             raise ConfigError("--beam-pipeline-options", f"expects --name=value flags, got {flag!r}")
+    if not any(f.startswith("--default_sdk_harness_log_level") for f in flags):
+        flags.append("--default_sdk_harness_log_level=WARNING")  # workers' INFO lines would bury the summary
     pipeline_options = PipelineOptions(flags)
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage text: the one line below says it
