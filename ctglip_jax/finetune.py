@@ -406,12 +406,14 @@ def run_detection(
         head = _probe_head(x_lp, y_lp, int(tower.feature_dim), seed, log)
         batches = training_batches(s.data, pretrained, s.crop, batch_size, seed)
         try:
-            tuned, losses = _finetune_encoder_and_head(
-                encoder_fn, s.encoder_params, head, _progress(batches, steps, "detection/full", log),
-                _optimizer(lr, steps, 0.05), label_key,
+            tuned, report = T.finetune_detection(
+                encoder_fn, s.encoder_params, _progress(batches, steps, "detection/full", log), None,
+                steps=steps, feature_dim=int(tower.feature_dim), tx=_optimizer(lr, steps, 0.05),
+                label_key=label_key, head=head,
             )
         finally:
             batches.close()
+        losses = np.asarray(report["train_losses"])
         train_seconds = time.perf_counter() - start
         x_test, y_test = T.pooled_features(encoder_fn, tuned["encoder"], test, label_key=label_key)
         head = jax.tree.map(np.asarray, tuned["head"])
@@ -430,42 +432,17 @@ def run_detection(
 
 
 def _probe_head(features: np.ndarray, labels: np.ndarray, feature_dim: int, seed: int, log: Log):
-    """LP-FT (Kumar et al., 2022): the full fine-tune's head starts as a linear probe on frozen features of
-    training crops (standardisation folded into the weights), so the first steps do not distort pretrained
-    features to fit a random head. The probe is strongly regularised (`LPFT_L2`): an overconfident start
-    (lesions are tiny, crops separable by chance) would send large gradients into the encoder. Without both
-    classes among the crops: a small random head."""
-    import jax.numpy as jnp
-
-    from ctglip_jax.evaluators import metrics as M
+    """The full fine-tune's starting head (`tumor_detection.lpft_head`). The probe is strongly regularised
+    (`LPFT_L2`): an overconfident start (lesions are tiny, crops separable by chance) would send large
+    gradients into the encoder. Without both classes among the crops: a small random head."""
     from ctglip_jax.evaluators import tumor_detection as T
 
-    if not M.has_both_classes(labels):
+    head = T.lpft_head(features, labels, feature_dim, steps=DEFAULT_STEPS["detection", "probe"],
+                       learning_rate=DEFAULT_LR["detection", "probe"], l2=LPFT_L2, seed=seed)
+    if head is None:
         log("the crops hold a single class: the head starts random instead of from a linear probe")
         return T.init_detection_head(feature_dim, seed)
-    probe = T.fit_linear_probe(features, labels, steps=DEFAULT_STEPS["detection", "probe"],
-                               learning_rate=DEFAULT_LR["detection", "probe"], l2=LPFT_L2, seed=seed)
-    w = probe["w"] / probe["std"]
-    return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(probe["b"] - w @ probe["mean"], jnp.float32)}
-
-
-def _finetune_encoder_and_head(encoder_fn, encoder_params, head, batches: Iterable, tx, label_key: str):
-    """Trains `{"encoder", "head"}` on the batches with the library's jitted step; returns params, losses."""
-    import jax
-    import jax.numpy as jnp
-
-    from ctglip_jax.evaluators import tumor_detection as T
-
-    params = {"encoder": jax.tree.map(jnp.array, encoder_params), "head": head}  # copies: the step donates
-    opt_state = tx.init(params)
-    step = T.make_finetune_step(encoder_fn, tx)
-    losses = []
-    for batch in batches:
-        images = np.asarray(batch["image"], np.float32)
-        labels = (np.asarray(batch[label_key]).reshape(len(images), -1).max(axis=1) > 0).astype(np.int32)
-        params, opt_state, loss = step(params, opt_state, images, labels)
-        losses.append(float(loss))
-    return params, np.asarray(losses)
+    return head
 
 
 def run_segmentation(

@@ -181,12 +181,6 @@ def to_input_grid(values: np.ndarray, model_affine: np.ndarray, grid: InputGrid)
 
 
 # ---------------------------------------------------------------------------------------------- the model
-def _padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
-    """Centred padding of axes shorter than the window (`SlidingWindow`'s rule)."""
-    before = [max(w - s, 0) // 2 for s, w in zip(shape, window, strict=True)]
-    return [(b, max(w - s, 0) - b) for s, w, b in zip(shape, window, before, strict=True)]
-
-
 class ScanInference:
     """A pretrained model applied to whole scans through sliding windows of its training crop."""
 
@@ -222,13 +216,13 @@ class ScanInference:
             return model.apply({"params": params}, pooled, method=TwoTower.project_image)
 
         self._heatmap = SlidingWindow(similarity, self.window, overlap=overlap, batch_size=batch_size)
-        self._window_sums = jax.jit(window_sums)
+        # all-background filler windows and padding add nothing to the organ sums
+        self._organ_sums = SlidingWindow(window_sums, self.window, overlap=overlap, batch_size=batch_size,
+                                         reduce="sum")
         self._project = jax.jit(project)
 
     def num_windows(self, shape: Sequence[int]) -> int:
-        shape = tuple(shape)[:3]
-        padded = [s + a + b for s, (a, b) in zip(shape, _padding(shape, self.window), strict=True)]
-        return len(self._heatmap.windows(padded))
+        return self._heatmap.num_windows(shape)
 
     def heatmaps(self, image: np.ndarray, queries: Sequence[str]) -> np.ndarray:
         """`(X, Y, Z, Q)` cosine similarity of every voxel's embedding to each query, on the model grid."""
@@ -237,27 +231,8 @@ class ScanInference:
 
     def organ_embeddings(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(104, E)` normalised organ embeddings (zero rows where absent) and `(104,)` voxel counts."""
-        pad = _padding(image.shape[:3], self.window)
-        channels = image.shape[3:]  # (C,) with several HU windows
-        image = np.pad(np.asarray(image, np.float32), pad + [(0, 0)] * len(channels))
-        labels = np.pad(np.asarray(labels, np.int32), pad)
-        corners = self._heatmap.windows(labels.shape)
-        wx, wy, wz = self.window
-        sums = counts = None
-        for first in range(0, len(corners), self.batch_size):
-            chunk = corners[first : first + self.batch_size]
-            crops = [
-                (image[x : x + wx, y : y + wy, z : z + wz], labels[x : x + wx, y : y + wy, z : z + wz])
-                for x, y, z in chunk
-            ]
-            crops += [(np.zeros(self.window + channels, np.float32), np.zeros(self.window, np.int32))] * (
-                self.batch_size - len(chunk)
-            )  # all-background fillers add nothing to the sums
-            s, c = self._window_sums(
-                self.params, np.stack([a for a, _ in crops]), np.stack([b for _, b in crops])
-            )
-            s, c = np.asarray(s, np.float64).sum(0), np.asarray(c, np.float64).sum(0)
-            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        labels = np.asarray(labels, np.int32)
+        sums, counts = self._organ_sums(self.params, image, labels)
         voxels = np.bincount(labels.reshape(-1), minlength=organs.NUM_CLASSES + 1)[1 : organs.NUM_CLASSES + 1]
         present = voxels >= max(self.min_voxels, 1)
         mean = sums[1:] / np.maximum(counts[1:], 1.0)[:, None]
