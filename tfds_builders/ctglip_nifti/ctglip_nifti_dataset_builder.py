@@ -39,7 +39,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from ctglip_jax.data import datasets
+from ctglip_jax.data import records
 from ctglip_jax.errors import CTGlipInputError
 from tfds_builders.ctglip_nifti import ctrate, grid, masks
 from tfds_builders.ctglip_nifti.preprocess import Preprocess, preprocess_case
@@ -151,8 +151,8 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "case_id": tfds.features.Text(),
-                    **datasets.volume_features(tuple(self.builder_config.preprocess.shape)),
-                    **datasets.report_features(),
+                    **records.volume_features(tuple(self.builder_config.preprocess.shape)),
+                    **records.report_features(),
                 }
             ),
             homepage="https://arxiv.org/abs/2404.15272",
@@ -188,7 +188,7 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
             try:
                 parsed = parse_report(case.report, source=case.case_id)
                 arrays = preprocess_case(case.ct, case.mask, cfg, load_labels)
-                label_map = datasets.as_label_map(arrays["labels"], source=case.mask)
+                label_map = records.as_label_map(arrays["labels"], source=case.mask)
             except CTGlipInputError as e:
                 self.skip(case.case_id, str(e))
                 continue
@@ -198,7 +198,7 @@ class Builder(SkipsBrokenCases, tfds.core.GeneratorBasedBuilder):
                 "label_map": label_map,
                 "spacing": arrays["spacing"],
                 "affine": arrays["affine"],
-                **datasets.parsed_report_arrays(case.report, parsed),
+                **records.parsed_report_arrays(case.report, parsed),
             }
 
 

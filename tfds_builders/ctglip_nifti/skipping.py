@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ctglip_jax.data import datasets
+from ctglip_jax.data import records
 from ctglip_jax.errors import CTGlipInputError
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ class SkipsBrokenCases:
             self._skipped = []
             super().download_and_prepare(**kwargs)
         if not was_prepared:
-            (Path(self.data_dir) / datasets.SKIPPED_FILE).write_text(json.dumps(self._skipped, indent=1))
+            (Path(self.data_dir) / records.SKIPPED_FILE).write_text(json.dumps(self._skipped, indent=1))
 
     def skip(self, case_id: str, reason: str) -> None:
         self._skipped.append({"case_id": case_id, "reason": reason})
