@@ -17,7 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax import config_defaults
+from ctglip_jax.data import datasets
+from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform, stack_examples
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.evaluators.zeroshot_organ import CARRIED_KEYS, OrganEmbeddings, collect_organ_embeddings
+from ctglip_jax.zeroshot import ScanInference
 
 EXAMPLE_KEYS = ("image", "label_map", "tumor_mask", "finding_labels", "case_id")
 
@@ -37,9 +42,6 @@ class EvaluationData:
     whole_scan: bool = True
 
     def __post_init__(self) -> None:
-        from ctglip_jax.data import datasets
-        from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform
-
         values = {
             **self.config.data.to_dict(),
             "split": self.split,
@@ -80,8 +82,6 @@ class EvaluationData:
             yield self.transform(self.source[index], None)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        from ctglip_jax.data.pipeline import stack_examples
-
         chunk: list[dict[str, Any]] = []
         for example in self.examples():
             chunk.append(example)
@@ -95,8 +95,6 @@ class EvaluationData:
 def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, min_voxels: int = 8):
     """`OrganEmbeddings` of whole volumes: every organ pooled over all sliding windows of the training crop
     (`inference` is a `zeroshot.ScanInference`); the per-case extras as `collect_organ_embeddings` keeps."""
-    from ctglip_jax.evaluators.zeroshot_organ import CARRIED_KEYS, OrganEmbeddings
-
     embeddings, valids, extras = [], [], {k: [] for k in CARRIED_KEYS}
     for batch in batches:
         for image, labels in zip(batch["image"], batch["label_map"], strict=True):
@@ -115,13 +113,9 @@ def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, 
 
 def organ_embeddings(pretrained, data: EvaluationData, batches: Iterable[Mapping[str, Any]] | None = None):
     """The organ embeddings of `data`'s cases under its protocol (whole scan or centre crop)."""
-    from ctglip_jax.evaluators.zeroshot_organ import collect_organ_embeddings
-
-    min_voxels = int(pretrained.config.data.get("min_organ_voxels", 8))
+    min_voxels = int(config_defaults.value(pretrained.config, "data.min_organ_voxels"))
     batches = data.batches() if batches is None else batches
     if data.whole_scan:
-        from ctglip_jax.zeroshot import ScanInference
-
         inference = ScanInference(pretrained, batch_size=max(1, min(4, data.batch_size)))
         return collect_scan_embeddings(inference, batches, min_voxels=min_voxels)
     model = pretrained.zero_shot_model()

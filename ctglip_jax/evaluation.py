@@ -17,7 +17,6 @@ Called from Python too (the demo and the reproduction script): `evaluate(pretrai
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ctglip_jax import objective, plots
+from ctglip_jax import config_defaults, objective, plots
 from ctglip_jax.checkpoint import checkpoint_step_or_none
 from ctglip_jax.corpus_dictionary import load_dictionary
 from ctglip_jax.data import organs
@@ -39,15 +38,11 @@ from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings, find
 from ctglip_jax.evaluators.retrieval import RetrievalEvaluator
 from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
 from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
+from ctglip_jax.progress import stderr
 from ctglip_jax.zeroshot import ScanInference
 
 EVALUATORS = ("organ", "abnormality", "retrieval")
 EVAL_FILE = "eval.json"
-
-
-def progress_message(message: str) -> None:
-    """Progress goes to stderr (stdout stays for results)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _fmt(value) -> str:
@@ -75,7 +70,7 @@ def _example_queries(config, example: dict[str, Any]) -> dict[str, str]:
     counts = np.bincount(np.asarray(example["label_map"], np.int64).ravel(), minlength=organs.NUM_CLASSES + 1)
     if counts[1:].any():
         organ = organs.v1_names()[int(np.argmax(counts[1:])) + 1]
-        template = config.text.get("prompt", "A CT image of the {organ}.")
+        template = config_defaults.value(config, "text.prompt")
         queries[organ] = template.format(organ=organs.readable_name(organ))
     labels = np.asarray(example.get("finding_labels", []))
     if labels.shape == (len(FINDINGS),) and labels.any():
@@ -136,8 +131,8 @@ def _plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 def _organ_recognition(model, params, config, embeddings, result: dict, say) -> None:
     start = time.perf_counter()
-    template = config.text.get("prompt", "A CT image of the {organ}.")
-    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    template = config_defaults.value(config, "text.prompt")
+    min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
     organ = OrganRecognitionEvaluator(model, templates=(template,), min_voxels=min_voxels)
     result["organ_recognition"] = organ.run(params, embeddings)
     result["seconds"]["organ_recognition"] = time.perf_counter() - start
@@ -152,7 +147,7 @@ def _abnormality(model, params, config, embeddings, data, result: dict, say, abn
     from ctglip_jax.data.findings import FINDINGS  # phantom runs only
 
     start = time.perf_counter()
-    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
     extras = embeddings.extras
     labels = extras.get("finding_organ", extras.get("finding_labels"))
     if labels is None or np.shape(labels)[-1] != len(FINDINGS):
@@ -238,7 +233,7 @@ def evaluate(
     num_examples: int = 2,
     step: int | None = None,
     data: EvaluationData | None = None,
-    progress: Callable[[str], None] | None = progress_message,
+    progress: Callable[[str], None] | None = stderr,
     abnormality_templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
     on_embeddings: Callable[[Any], None] | None = None,
     whole_scan: bool = True,

@@ -32,7 +32,8 @@ import numpy as np
 import optax
 
 from ctglip_jax import checkpoint as ckpt_lib
-from ctglip_jax import config_lib, joint_text, objective, optim, sharding
+from ctglip_jax import config_lib, joint_text, objective, optim, pretrained, sharding
+from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
 from ctglip_jax.errors import CTGlipInputError
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ class ValidationLoss:
     """
 
     def __init__(self, config, data_cfg, text: TextSide, loss_fn):
-        from ctglip_jax.data.pipeline import InputPipeline
-
         eval_cfg = dataclasses.replace(
             data_cfg, split=config.eval.split, shuffle=False, random_augment=False, num_epochs=1
         )
@@ -164,8 +163,6 @@ class TrainResult:
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainResult:
     """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
-    from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
-
     joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
     objective.dictionary_source(config)  # the phantom's catalogue never reaches a model of user data
     check_workdir_matches(config, workdir)
@@ -401,8 +398,6 @@ def make_step_functions(
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Resuming a workdir whose checkpoints hold another text tower would fail deep in Orbax: say it here."""
-    from ctglip_jax import pretrained
-
     saved = os.path.join(workdir, pretrained.CONFIG_FILE)
     if not (os.path.isfile(saved) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
         return
@@ -417,7 +412,7 @@ def optim_global_norm(tree) -> jax.Array:
 
 def _summary_writer(workdir: str):
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # pulls in protobuf; only a run that logs needs it
     except ImportError:  # pragma: no cover - tensorboardX is a pinned dependency
         return None
     return SummaryWriter(os.path.join(workdir, "tensorboard"))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import jax
 import nibabel as nib
 import numpy as np
 
-from ctglip_jax import objective, plots
+from ctglip_jax import config_defaults, objective, plots
 from ctglip_jax import pretrained as pretrained_lib
 from ctglip_jax.checkpoint import checkpoint_step
 from ctglip_jax.corpus_dictionary import load_dictionary
@@ -52,13 +51,10 @@ from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pai
 from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
 from ctglip_jax.models.grounding import organ_sums
 from ctglip_jax.models.two_tower import TwoTower
+from ctglip_jax.progress import stderr
 
 OVERLAP = 0.5
 TOP_K = 5
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -72,7 +68,7 @@ class ScanInference:
         self.window = tuple(int(w) for w in self.config.data.crop_shape)
         self.overlap = overlap
         self.batch_size = batch_size
-        self.min_voxels = int(self.config.data.get("min_organ_voxels", 8))
+        self.min_voxels = int(config_defaults.value(self.config, "data.min_organ_voxels"))
         self.zero_shot = pretrained.zero_shot_model()
         self.encode_text = TextEncoder(self.zero_shot.text_features, self.zero_shot.project_text, self.params)
         model = pretrained.model
@@ -115,7 +111,7 @@ class ScanInference:
 
     def recognise(self, embeddings: np.ndarray, voxels: np.ndarray, top_k: int = TOP_K) -> dict[str, Any]:
         """Per organ present: the top-k organ prompts, softmax probabilities (model's logit scale)."""
-        template = self.config.text.get("prompt", "A CT image of the {organ}.")
+        template = config_defaults.value(self.config, "text.prompt")
         prompts = OrganRecognitionEvaluator(self.zero_shot, templates=(template,)).prompt_embeddings(
             self.params
         )
@@ -211,7 +207,7 @@ def run_zeroshot(
     spacing: Sequence[float] | None = None,
     overlap: float = OVERLAP,
     pretrained=None,
-    progress: Callable[[str], None] = _stderr,
+    progress: Callable[[str], None] = stderr,
 ) -> dict[str, Any]:
     """Everything `ctglip zeroshot` does; returns (and writes as `zeroshot.json`) the result dict.
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctglip_jax import progress
+
 NAME = "eval"
 HELP = "zero-shot evaluation of a trained workdir (eval.json + plots)"
 
@@ -89,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
         config, args.split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
     )
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    evaluation.progress_message(f"loading the model of {args.workdir} (step {step})")
+    progress.stderr(f"loading the model of {args.workdir} (step {step})")
     model = pretrained.load(args.workdir, step=step)
-    evaluation.progress_message(f"  loaded in {time.perf_counter() - start:.1f} s")
+    progress.stderr(f"  loaded in {time.perf_counter() - start:.1f} s")
     evaluation.evaluate(
         model,
         evaluators=evaluators,
@@ -101,6 +103,6 @@ def run(args: argparse.Namespace) -> int:
         step=step,
         labels=labels,
     )
-    evaluation.progress_message(f"done in {time.perf_counter() - start:.1f} s")
+    progress.stderr(f"done in {time.perf_counter() - start:.1f} s")
     print(out)
     return 0
