@@ -39,6 +39,10 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
 
     # Held-out objective on fixed validation batches every `every` steps (and at start/end); 0 = off.
     c.eval = mlc.ConfigDict({"every": 10 if runlocal else 1000, "split": "validation", "num_batches": 2})
+    # Zero-shot evaluators (evals.py): `every` > 0 also runs one during training, 0 only in `ctglip eval`.
+    c.evals = mlc.ConfigDict({
+        name: {"type": name, "every": 0, "split": "test"} for name in ("organ", "abnormality", "retrieval")
+    })
 
     c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
     c.distributed = mlc.ConfigDict(

@@ -12,7 +12,8 @@ for comparison.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -82,14 +83,19 @@ class EvaluationData:
             yield self.transform(self.source[index], None)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        chunk: list[dict[str, Any]] = []
-        for example in self.examples():
-            chunk.append(example)
-            if len(chunk) == self.batch_size:
-                yield stack_examples(chunk)
-                chunk = []
-        if chunk:
-            yield stack_examples(chunk)
+        return every_record_once(self.examples(), self.batch_size)
+
+
+def every_record_once(
+    examples: Iterable[Mapping[str, Any]],
+    batch_size: int,
+    stack: Callable[[list], dict[str, np.ndarray]] = stack_examples,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The evaluation input: every example once, in order, `stack`ed in batches of `batch_size`, the last
+    one partial (evaluators pad it to their fixed batch themselves). Lazy: a split never sits in memory."""
+    iterator = iter(examples)
+    while chunk := list(itertools.islice(iterator, batch_size)):
+        yield stack(chunk)
 
 
 def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, min_voxels: int = 8):

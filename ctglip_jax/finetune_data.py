@@ -9,7 +9,6 @@ are windowed as the pretrained model's data (one channel per HU window).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ctglip_jax.data.augment import apply_windows, windows_of
 from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig
 from ctglip_jax.data.seg_batches import SegBatchConfig, TumourBatches
 from ctglip_jax.errors import ConfigError, CTGlipInputError
+from ctglip_jax.eval_inputs import every_record_once
 from ctglip_jax.progress import Log
 
 MSD_MANIFEST = "dataset.json"
@@ -122,8 +122,10 @@ def evaluation_batches(
     """
     cfg = _pipeline_config(data, pretrained, crop, 1, 0, split=split, train=False)
     with InputPipeline(cfg) as pipeline:
-        while chunk := list(itertools.islice(pipeline, batch_size)):
-            yield {k: np.concatenate([b[k] for b in chunk]) for k in keys if k in chunk[0]}
+        yield from every_record_once(
+            pipeline, batch_size, lambda chunk: {k: np.concatenate([b[k] for b in chunk]) for k in keys
+                                                 if k in chunk[0]}
+        )
 
 
 def segmentation_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int,

@@ -74,9 +74,15 @@ def load(workdir: str | Path, step: int | None = None, embedder=None) -> Pretrai
     """Rebuild the model of a training workdir and load its params (latest step unless `step`); the text
     tower is the trained one when the run trained it."""
     config = load_config(workdir)
-    model = objective.make_model(config)
-    params = checkpoint.load_params(workdir, step=step)
+    return from_params(config, checkpoint.load_params(workdir, step=step), workdir, embedder)
+
+
+def from_params(
+    config: ml_collections.ConfigDict, params: Any, workdir: str | Path, embedder=None
+) -> Pretrained:
+    """The model of `config` with `params` (a checkpoint's, or the train state's during training)."""
     if embedder is None:
         embedder = text_embedder(config, params, workdir)
     bank = objective.make_text_bank(config, embedder=embedder, with_dictionary=False)
-    return Pretrained(config=config, model=model, params=params, bank=bank, workdir=Path(workdir))
+    return Pretrained(config=config, model=objective.make_model(config), params=params, bank=bank,
+                      workdir=Path(workdir))
