@@ -32,7 +32,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ctglip_jax.errors import InputNotFoundError, UnreadableFileError
 
@@ -113,8 +115,6 @@ class Checkpointer:
             self.directory.mkdir(parents=True, exist_ok=True)
             _quarantine_incomplete_steps(self.directory)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices("ctglip_checkpoint_init")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
@@ -196,8 +196,6 @@ class Checkpointer:
 def _quiet_absl():
     """Reading one item of a step directory makes Orbax warn that the step's metadata file is not in the
     item folder (it is one level up, where it belongs): silence that for the duration of the read."""
-    from absl import logging as absl_logging
-
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:

@@ -14,9 +14,14 @@ same group, is the reference):
 - AdamW, weight decay 0.05, linear warmup then cosine, global-norm clip 1.0.
 """
 
+import functools
+from typing import Any
+
 import ml_collections as mlc
 
-from ctglip_jax.data.augment import DEFAULT_WINDOWS
+from ctglip_jax.data.augment import DEFAULT_WINDOW, DEFAULT_WINDOWS
+
+ORGAN_PROMPT = "A CT image of the {organ}."  # organ recognition's prompt, in training and evaluation
 
 
 def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
@@ -34,6 +39,10 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
 
     # Held-out objective on fixed validation batches every `every` steps (and at start/end); 0 = off.
     c.eval = mlc.ConfigDict({"every": 10 if runlocal else 1000, "split": "validation", "num_batches": 2})
+    # Zero-shot evaluators (evals.py): `every` > 0 also runs one during training, 0 only in `ctglip eval`.
+    c.evals = mlc.ConfigDict({
+        name: {"type": name, "every": 0, "split": "test"} for name in ("organ", "abnormality", "retrieval")
+    })
 
     c.mesh = mlc.ConfigDict({"data": -1, "fsdp": 1})
     c.distributed = mlc.ConfigDict(
@@ -53,7 +62,7 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             flip_axes=(),
             hu_scale_jitter=0.05,
             hu_shift_jitter=20.0,
-            window=(-1150.0, 350.0),  # used only when `windows` is empty (one input channel)
+            window=DEFAULT_WINDOW,  # used only when `windows` is empty (one input channel)
             windows=DEFAULT_WINDOWS,  # lung, soft tissue, bone (data/augment.py says why): 3 channels
             crop_aware_labels=True,  # an organ's abnormal sentence only with crops that show its lesion
             seed=0,
@@ -91,7 +100,7 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             pooling="mean",
             max_length=32 if runlocal else 64,
             batch_size=16,
-            prompt="A CT image of the {organ}.",
+            prompt=ORGAN_PROMPT,
             # Joint training (joint_text.py): the top k BERT layers train, the rest stay frozen on the host.
             trainable_layers=2,
             rows_per_example=8 if runlocal else 16,  # packed rows of max_length tokens in the text table
@@ -139,3 +148,20 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
     )
     c.optim.total_steps = c.get_ref("total_steps")
     return c
+
+
+@functools.cache
+def _shared() -> mlc.ConfigDict:
+    return base(None, tower="vit", loss="ctglip")
+
+
+def value(config: Any, path: str) -> Any:
+    """`config`'s field at the dotted `path` ("data.min_organ_voxels"), or its shared default from `base`
+    when the config is older than the field: a workdir's stored config is read with this, so an old
+    workdir still loads and no caller restates a default. Only for fields whose meaning never changed (not
+    `data.windows`, whose absence means the single `data.window`)."""
+    node, default = config, _shared()
+    for part in path.split("."):
+        default = default[part]
+        node = node[part] if node is not None and part in node else None
+    return default if node is None else node

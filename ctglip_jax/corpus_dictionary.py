@@ -36,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from ctglip_jax.data import organs
+from ctglip_jax.data import datasets, organs
 from ctglip_jax.data import reports as report_parser
 from ctglip_jax.errors import CTGlipInputError, InputNotFoundError, ReportError
+from ctglip_jax.models.text import TextEmbedder
 
 VERSION = 1
 
@@ -115,7 +116,7 @@ def _select(keys: list[_Key], quota: int, vectors: np.ndarray | None, seed: int)
     """`quota` (key, summed count) picks: all keys if they fit, else one per k-means cluster."""
     if len(keys) <= quota:
         return [(k, k.count) for k in keys]
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # scikit-learn is slow to import; only a build clusters
 
     x = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     # Identical vectors cannot fill separate clusters: fewer distinct points than quota -> fewer clusters.
@@ -340,9 +341,6 @@ def build_from_dataset(
 ) -> dict[str, Any]:
     """The dictionary of a built dataset's `split` reports (what `ctglip build-dictionary` writes and
     `config.loss.dictionary = "corpus"` builds on first use). Raises when no report names an organ."""
-    from ctglip_jax.data import datasets
-    from ctglip_jax.models.text import TextEmbedder
-
     source = datasets.data_source(name, config, split, data_dir)
     embedder = TextEmbedder(model_dir, pooling="mean", max_length=64)  # a bad folder fails early
     config = config or datasets.config_names(name)[0]

@@ -21,6 +21,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
+import nibabel as nib
+import numpy as np
+
+from ctglip_jax import config_lib, evaluation, finetune, pretrained, train, zeroshot
+from ctglip_jax.data import datasets
+from ctglip_jax.data.findings import FINDINGS_BY_NAME
+from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
+
 METHODS = {"CT-GLIP": "configs/ctglip_vit.py:runlocal", "CLIP": "configs/clip_vit.py:runlocal"}
 
 
@@ -59,11 +69,6 @@ def _say(message: str) -> None:
 
 def run(settings: DemoSettings) -> dict:
     """Run every stage; returns the metrics table (also written to `<out>/metrics.json`)."""
-    import jax
-
-    from ctglip_jax import config_lib, pretrained, train
-    from ctglip_jax.data import datasets
-
     t_start = time.perf_counter()
     out = settings.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -156,9 +161,6 @@ def evaluate(
     abnormality dictionary's phrasings against the organ's normal statements; `ad_probe/` is a linear
     probe on the organ embeddings (train -> test), what the image side holds whatever the text side says.
     """
-    from ctglip_jax import evaluation, finetune
-    from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
-
     quiet = lambda message: None  # noqa: E731 - one summary line per model is printed instead
     test_embeddings = []
     zs = evaluation.evaluate(
@@ -179,8 +181,8 @@ def evaluate(
            for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal", "identity_auc_macro")},
     }
     if test_embeddings and "finding_organ" in test_embeddings[0].extras:
-        train = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)
-        train_embeddings = evaluation.organ_embeddings(model, train)
+        train_data = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)
+        train_embeddings = evaluation.organ_embeddings(model, train_data)
         probe = abnormality_probe(train_embeddings, test_embeddings[0])
         (out / "abnormality_probe.json").write_text(json.dumps(probe, indent=2))
         row.update({f"ad_probe/{k}": probe[k] for k in ("auc_macro", "auc_focal", "auc_nonfocal")})
@@ -207,13 +209,6 @@ def _fmt(value) -> str:
 
 def zero_shot_heatmap(model, data_dir: str, settings: DemoSettings, out: Path) -> dict:
     """Write a held-out synthetic scan with a lesion as NIfTI and run `ctglip zeroshot` on it."""
-    import nibabel as nib
-    import numpy as np
-
-    from ctglip_jax import zeroshot
-    from ctglip_jax.data.findings import FINDINGS_BY_NAME
-    from ctglip_jax.data.synthetic import PhantomConfig, generate_case
-
     finding = "liver_mass"
     case = generate_case(
         987_654, PhantomConfig.preset(settings.dataset_config, finding_prevalence={finding: 1.0})

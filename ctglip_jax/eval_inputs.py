@@ -12,12 +12,18 @@ for comparison.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
+from ctglip_jax import config_defaults
+from ctglip_jax.data import datasets
+from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform, stack_examples
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.evaluators.zeroshot_organ import CARRIED_KEYS, OrganEmbeddings, collect_organ_embeddings
+from ctglip_jax.zeroshot import ScanInference
 
 EXAMPLE_KEYS = ("image", "label_map", "tumor_mask", "finding_labels", "case_id")
 
@@ -37,9 +43,6 @@ class EvaluationData:
     whole_scan: bool = True
 
     def __post_init__(self) -> None:
-        from ctglip_jax.data import datasets
-        from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform
-
         values = {
             **self.config.data.to_dict(),
             "split": self.split,
@@ -80,23 +83,24 @@ class EvaluationData:
             yield self.transform(self.source[index], None)
 
     def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        from ctglip_jax.data.pipeline import stack_examples
+        return every_record_once(self.examples(), self.batch_size)
 
-        chunk: list[dict[str, Any]] = []
-        for example in self.examples():
-            chunk.append(example)
-            if len(chunk) == self.batch_size:
-                yield stack_examples(chunk)
-                chunk = []
-        if chunk:
-            yield stack_examples(chunk)
+
+def every_record_once(
+    examples: Iterable[Mapping[str, Any]],
+    batch_size: int,
+    stack: Callable[[list], dict[str, np.ndarray]] = stack_examples,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The evaluation input: every example once, in order, `stack`ed in batches of `batch_size`, the last
+    one partial (evaluators pad it to their fixed batch themselves). Lazy: a split never sits in memory."""
+    iterator = iter(examples)
+    while chunk := list(itertools.islice(iterator, batch_size)):
+        yield stack(chunk)
 
 
 def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, min_voxels: int = 8):
     """`OrganEmbeddings` of whole volumes: every organ pooled over all sliding windows of the training crop
     (`inference` is a `zeroshot.ScanInference`); the per-case extras as `collect_organ_embeddings` keeps."""
-    from ctglip_jax.evaluators.zeroshot_organ import CARRIED_KEYS, OrganEmbeddings
-
     embeddings, valids, extras = [], [], {k: [] for k in CARRIED_KEYS}
     for batch in batches:
         for image, labels in zip(batch["image"], batch["label_map"], strict=True):
@@ -115,13 +119,9 @@ def collect_scan_embeddings(inference, batches: Iterable[Mapping[str, Any]], *, 
 
 def organ_embeddings(pretrained, data: EvaluationData, batches: Iterable[Mapping[str, Any]] | None = None):
     """The organ embeddings of `data`'s cases under its protocol (whole scan or centre crop)."""
-    from ctglip_jax.evaluators.zeroshot_organ import collect_organ_embeddings
-
-    min_voxels = int(pretrained.config.data.get("min_organ_voxels", 8))
+    min_voxels = int(config_defaults.value(pretrained.config, "data.min_organ_voxels"))
     batches = data.batches() if batches is None else batches
     if data.whole_scan:
-        from ctglip_jax.zeroshot import ScanInference
-
         inference = ScanInference(pretrained, batch_size=max(1, min(4, data.batch_size)))
         return collect_scan_embeddings(inference, batches, min_voxels=min_voxels)
     model = pretrained.zero_shot_model()

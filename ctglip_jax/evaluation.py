@@ -17,7 +17,6 @@ Called from Python too (the demo and the reproduction script): `evaluate(pretrai
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,17 +24,25 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax import config_defaults, objective, plots
 from ctglip_jax.checkpoint import checkpoint_step_or_none
-from ctglip_jax.errors import ConfigError
+from ctglip_jax.corpus_dictionary import load_dictionary
+from ctglip_jax.data import organs
+from ctglip_jax.data.datasets import training_spacing
+from ctglip_jax.errors import ConfigError, CTGlipInputError
 from ctglip_jax.eval_inputs import EXAMPLE_KEYS, EvaluationData, organ_embeddings  # noqa: F401
+from ctglip_jax.evaluators.abnormality_probe import summarise_by_kind
+from ctglip_jax.evaluators.label_scoring import pair_probability_fn, prompt_pairs, score_organ_embeddings
+from ctglip_jax.evaluators.metrics import json_ready
+from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings, finding_pair_texts
+from ctglip_jax.evaluators.retrieval import RetrievalEvaluator
+from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
+from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
+from ctglip_jax.progress import stderr
+from ctglip_jax.zeroshot import ScanInference
 
 EVALUATORS = ("organ", "abnormality", "retrieval")
 EVAL_FILE = "eval.json"
-
-
-def progress_message(message: str) -> None:
-    """Progress goes to stderr (stdout stays for results)."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _fmt(value) -> str:
@@ -57,15 +64,13 @@ def parse_evaluators(names: str | Sequence[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _example_queries(config, example: dict[str, Any]) -> dict[str, str]:
     """{label: query}: the prompt of the largest organ in the crop, and the first finding the case has."""
-    from ctglip_jax.data import organs
-    from ctglip_jax.data.findings import FINDINGS
-    from ctglip_jax.evaluators.prompts import finding_pair_texts
+    from ctglip_jax.data.findings import FINDINGS  # phantom runs only
 
     queries = {}
     counts = np.bincount(np.asarray(example["label_map"], np.int64).ravel(), minlength=organs.NUM_CLASSES + 1)
     if counts[1:].any():
         organ = organs.v1_names()[int(np.argmax(counts[1:])) + 1]
-        template = config.text.get("prompt", "A CT image of the {organ}.")
+        template = config_defaults.value(config, "text.prompt")
         queries[organ] = template.format(organ=organs.readable_name(organ))
     labels = np.asarray(example.get("finding_labels", []))
     if labels.shape == (len(FINDINGS),) and labels.any():
@@ -75,10 +80,6 @@ def _example_queries(config, example: dict[str, Any]) -> dict[str, str]:
 
 
 def _example_overlays(pretrained, examples: list[dict[str, Any]], out_dir: Path) -> list[str]:
-    from ctglip_jax import plots
-    from ctglip_jax.errors import CTGlipInputError
-    from ctglip_jax.zeroshot import ScanInference, training_spacing
-
     inference = ScanInference(pretrained, batch_size=1)
     try:
         spacing = training_spacing(pretrained.config)[0]
@@ -106,9 +107,6 @@ def _example_overlays(pretrained, examples: list[dict[str, Any]], out_dir: Path)
 
 
 def _plots(result: dict[str, Any], out_dir: Path) -> list[str]:
-    from ctglip_jax import plots
-    from ctglip_jax.data import organs
-
     written = []
     abnormality = result.get("abnormality_detection", {})
     if "per_finding" in abnormality:
@@ -132,11 +130,9 @@ def _plots(result: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 def _organ_recognition(model, params, config, embeddings, result: dict, say) -> None:
-    from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
-
     start = time.perf_counter()
-    template = config.text.get("prompt", "A CT image of the {organ}.")
-    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    template = config_defaults.value(config, "text.prompt")
+    min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
     organ = OrganRecognitionEvaluator(model, templates=(template,), min_voxels=min_voxels)
     result["organ_recognition"] = organ.run(params, embeddings)
     result["seconds"]["organ_recognition"] = time.perf_counter() - start
@@ -148,12 +144,10 @@ def _organ_recognition(model, params, config, embeddings, result: dict, say) -> 
 
 def _abnormality(model, params, config, embeddings, data, result: dict, say, abnormality_templates) -> None:
     """Zero-shot AD on the dataset's own finding labels (the phantom's catalogue)."""
-    from ctglip_jax.data.findings import FINDINGS
-    from ctglip_jax.evaluators.abnormality_probe import summarise_by_kind
-    from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
+    from ctglip_jax.data.findings import FINDINGS  # phantom runs only
 
     start = time.perf_counter()
-    min_voxels = int(config.data.get("min_organ_voxels", 8))
+    min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
     extras = embeddings.extras
     labels = extras.get("finding_organ", extras.get("finding_labels"))
     if labels is None or np.shape(labels)[-1] != len(FINDINGS):
@@ -185,17 +179,13 @@ def _abnormality(model, params, config, embeddings, data, result: dict, say, abn
 def normal_statements(pretrained):
     """`organ name -> [normal statements]` of the run's abnormality dictionary: the corpus dictionary kept in
     the workdir (`dictionary.json`), the phantom's catalogue for phantom runs, nothing otherwise."""
-    from ctglip_jax import objective
-
     path = Path(pretrained.workdir) / objective.DICTIONARY_FILE
     table: dict[str, list[str]] = {}
     if path.is_file():
-        from ctglip_jax.corpus_dictionary import load_dictionary
-
         for organ, entries in load_dictionary(path)["organs"].items():
             table[organ] = [e["text"] for e in entries if not e["abnormal"]]
     elif pretrained.config.data.dataset == objective.SYNTHETIC_DATASET:
-        from ctglip_jax.data.phantom_dictionary import normal_phrasings
+        from ctglip_jax.data.phantom_dictionary import normal_phrasings  # phantom runs only
 
         return normal_phrasings
     return lambda organ: table.get(organ, [])
@@ -205,9 +195,6 @@ def _abnormality_from_labels(model, params, pretrained, embeddings, labels, resu
     """Zero-shot AD scored on the user's labels (`--labels FILE`, evaluators/labels.py): per finding, a
     prompt pair per organ (the spec's, else the finding's name against the dictionary's normal statements
     of the organ); plus `any_abnormality` over every labelled organ."""
-    from ctglip_jax.evaluators.label_scoring import pair_probability_fn, prompt_pairs, score_organ_embeddings
-    from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings
-
     start = time.perf_counter()
     pairs = prompt_pairs(labels.findings, normal_statements(pretrained))
     keys = list(pairs)
@@ -232,8 +219,6 @@ def _abnormality_from_labels(model, params, pretrained, embeddings, labels, resu
 
 
 def organs_name(organ_id: int) -> str:
-    from ctglip_jax.data import organs
-
     return organs.v1_names()[int(organ_id)]
 
 
@@ -248,7 +233,7 @@ def evaluate(
     num_examples: int = 2,
     step: int | None = None,
     data: EvaluationData | None = None,
-    progress: Callable[[str], None] | None = progress_message,
+    progress: Callable[[str], None] | None = stderr,
     abnormality_templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
     on_embeddings: Callable[[Any], None] | None = None,
     whole_scan: bool = True,
@@ -265,9 +250,6 @@ def evaluate(
     crop; False: inside one centre crop (the protocol before, for comparison; see eval_inputs.py).
     `labels` (`evaluators.labels.read_labels`): score abnormality detection on them instead of the dataset's
     own finding labels (the phantom's catalogue), and add `any_abnormality`."""
-    from ctglip_jax.evaluators.metrics import json_ready
-    from ctglip_jax.evaluators.retrieval import RetrievalEvaluator
-
     say = progress or (lambda _: None)
     evaluators = parse_evaluators(evaluators)
     config, params = pretrained.config, pretrained.params

@@ -25,16 +25,36 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
+import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
-from ctglip_jax import checkpoint
-from ctglip_jax.errors import ConfigError, CTGlipInputError, InputNotFoundError
+from ctglip_jax import checkpoint, objective
+from ctglip_jax import pretrained as pretrained_lib
+from ctglip_jax.errors import ConfigError, InputNotFoundError
+from ctglip_jax.evaluators import segmentation as S
+from ctglip_jax.evaluators import tumor_detection as T
+from ctglip_jax.evaluators.metrics import json_ready
+from ctglip_jax.finetune_data import (
+    DataSpec,
+    evaluation_batches,
+    parse_data,
+    prepare_data,
+    segmentation_batches,
+    training_batches,
+    tumour_types,
+    whole_volumes,
+)
+from ctglip_jax.models.cnn3d import UNet3D, total_stride
+from ctglip_jax.models.vit3d import ViT3D
+from ctglip_jax.progress import Log, stderr
 
 MODES = ("probe", "full")
 DEFAULT_STEPS = {("detection", "probe"): 300, ("detection", "full"): 200, ("segmentation", "probe"): 200,
@@ -43,13 +63,7 @@ DEFAULT_LR = {("detection", "probe"): 0.05, ("detection", "full"): 1e-4, ("segme
               ("segmentation", "full"): 3e-4}
 RESULT_FILE = "finetune_{task}.json"
 LPFT_EPOCHS, LPFT_MAX_BATCHES, LPFT_L2 = 2, 64, 0.1  # the full detection fine-tune's starting head
-MSD_MANIFEST = "dataset.json"
 
-Log = Callable[[str], None]
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -61,22 +75,17 @@ def load_pretrained(workdir: str | Path, step: int | None = None):
 
     `pretrained.load` also embeds the whole prompt bank with the text tower; here `bank` is None.
     """
-    from ctglip_jax import objective, pretrained
-
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise InputNotFoundError(workdir, "no such workdir (expected a `ctglip train` workdir)")
-    config = pretrained.load_config(workdir)
+    config = pretrained_lib.load_config(workdir)
     params = checkpoint.load_params(workdir, step=step)
-    return pretrained.Pretrained(config=config, model=objective.make_model(config), params=params, bank=None,
-                                 workdir=workdir)
+    return pretrained_lib.Pretrained(config=config, model=objective.make_model(config), params=params,
+                                     bank=None, workdir=workdir)
 
 
 def crop_multiple(tower) -> tuple[int, int, int]:
     """What every crop side must be a multiple of: the ViT patch, or the U-Net's total stride."""
-    from ctglip_jax.models.cnn3d import UNet3D, total_stride
-    from ctglip_jax.models.vit3d import ViT3D
-
     if isinstance(tower, ViT3D):
         return tuple(int(p) for p in tower.patch_size)  # type: ignore[return-value]
     if isinstance(tower, UNet3D):
@@ -86,8 +95,6 @@ def crop_multiple(tower) -> tuple[int, int, int]:
 
 def check_crop(crop: Sequence[int], tower) -> tuple[int, int, int]:
     """The crop as a tuple, or a ConfigError naming --crop (caught before any data build or compile)."""
-    from ctglip_jax.models.vit3d import ViT3D
-
     crop = tuple(int(c) for c in crop)
     multiple = crop_multiple(tower)
     if len(crop) != 3 or min(crop) < 1 or any(c % m for c, m in zip(crop, multiple, strict=True)):
@@ -101,169 +108,10 @@ def check_crop(crop: Sequence[int], tower) -> tuple[int, int, int]:
 
 def encoder_params(pretrained, tower, crop: Sequence[int], *, from_scratch: bool, seed: int) -> Any:
     """The pretrained image-tower params, or (baseline) a fresh seeded init of the same architecture."""
-    import jax
-    import jax.numpy as jnp
-
     if not from_scratch:
         return pretrained.image_tower_params()
     images = jnp.zeros((1, *crop, int(getattr(tower, "in_channels", 1))), jnp.float32)
     return jax.jit(tower.init)(jax.random.PRNGKey(seed), images)["params"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data.
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """A TFDS dataset to fine-tune on; `manual_dir` is the user's folder for builders that need one."""
-
-    name: str
-    config: str | None
-    data_dir: str | None
-    manual_dir: str | None = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.name}:{self.config}" if self.config else self.name
-
-
-def parse_data(spec: str, data_dir: str | None = None, manual_dir: str | None = None) -> DataSpec:
-    """`NAME[:CONFIG]`, or an MSD task folder `PATH[:CONFIG]` (-> `msd_tumor` with that manual dir)."""
-    from ctglip_jax.data import datasets
-
-    spec = str(spec).strip()
-    for path, config in ((spec, None), *([tuple(spec.rsplit(":", 1))] if ":" in spec else [])):
-        if (Path(path).expanduser() / MSD_MANIFEST).is_file():
-            return DataSpec("msd_tumor", config or "default", data_dir, str(Path(path).expanduser()))
-    name, _, config = spec.partition(":")
-    if name not in datasets.BUILDER_NAMES:
-        if Path(name).expanduser().exists():
-            raise CTGlipInputError(name, f"not an MSD task folder (no {MSD_MANIFEST} in it)")
-        raise ConfigError(
-            "--data", f"unknown dataset {name!r}; use one of {', '.join(datasets.BUILDER_NAMES)} "
-                      "(optionally NAME:CONFIG) or an MSD task folder"
-        )
-    return DataSpec(name, config or None, data_dir, manual_dir)
-
-
-def prepare_data(data: DataSpec, task: str, log: Log) -> tuple[DataSpec, set[str], dict[str, int]]:
-    """Checks the dataset has tumour labels, builds it if missing; returns the spec (config filled in), its
-    feature keys and split sizes."""
-    from ctglip_jax.data import datasets
-
-    builder = datasets.make_builder(data.name, data.config, data.data_dir)
-    keys = set(builder.info.features.keys())
-    if "tumor_mask" not in keys and not (task == "detection" and "has_tumor" in keys):
-        raise ConfigError(data.label, "has no tumour labels (tumor_mask / has_tumor); use ctglip_synthetic "
-                                      "or an msd_tumor build")
-    if not builder.is_prepared():
-        if data.name != "ctglip_synthetic" and not data.manual_dir:
-            raise CTGlipInputError(
-                builder.data_dir, f"{data.label} is not built; pass --manual-dir (your folder) to build it"
-            )
-        log(f"building {data.label} under {data.data_dir or datasets.default_data_dir()} ...")
-    summary = datasets.build(data.name, data.config, data.data_dir, data.manual_dir)
-    return dataclasses.replace(data, config=summary.config), keys, dict(summary.records)
-
-
-def _pipeline_config(data: DataSpec, pretrained, crop, batch_size: int, seed: int, *, split: str,
-                     train: bool):
-    from ctglip_jax.data.pipeline import PipelineConfig
-
-    pre = pretrained.config.data
-    return PipelineConfig(
-        dataset=data.name,
-        config=data.config,
-        split=split,
-        data_dir=data.data_dir,
-        batch_size=batch_size,
-        crop_shape=tuple(crop),
-        num_slots=1,  # slots are for the contrastive objective; keep their cost negligible here
-        flip_axes=tuple(pre.get("flip_axes", ())),
-        hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)) if train else 0.0,
-        hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)) if train else 0.0,
-        window=tuple(pre.get("window", (-1150.0, 350.0))),
-        windows=tuple(tuple(w) for w in (pre.get("windows", None) or ())),
-        seed=seed,
-        shuffle=train,
-        random_augment=train,
-        num_epochs=None if train else 1,
-        read_threads=1,
-    )
-
-
-def training_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int):
-    """An endless, seeded stream of random-crop training batches (numpy), as the pretraining pipeline's."""
-    from ctglip_jax.data.pipeline import InputPipeline
-
-    cfg = _pipeline_config(data, pretrained, crop, batch_size, seed, split="train", train=True)
-    return InputPipeline(cfg)
-
-
-def evaluation_batches(
-    data: DataSpec, pretrained, crop, batch_size: int, split: str, keys: Sequence[str]
-) -> Iterator[dict[str, np.ndarray]]:
-    """Every record of `split` once, centre-cropped, in order, in batches of `batch_size` (last one partial).
-
-    The pipeline runs with batches of one (its batching drops the remainder) regrouped here; lazily, so a
-    large split never sits in memory at once.
-    """
-    from ctglip_jax.data.pipeline import InputPipeline
-
-    cfg = _pipeline_config(data, pretrained, crop, 1, 0, split=split, train=False)
-    with InputPipeline(cfg) as pipeline:
-        while chunk := list(itertools.islice(pipeline, batch_size)):
-            yield {k: np.concatenate([b[k] for b in chunk]) for k in keys if k in chunk[0]}
-
-
-def segmentation_batches(data: DataSpec, pretrained, crop, batch_size: int, seed: int,
-                         foreground_fraction: float, tumour_case_fraction: float | None):
-    """The seeded, endless stream of segmentation training batches (`data/seg_batches.py`): in every
-    batch `round(foreground_fraction * batch_size)` crops centred on a tumour voxel, windowed and jittered
-    as the pretrained model's training data."""
-    from ctglip_jax.data import datasets
-    from ctglip_jax.data.augment import windows_of
-    from ctglip_jax.data.seg_batches import SegBatchConfig, TumourBatches
-
-    pre = pretrained.config.data
-    cfg = SegBatchConfig(
-        batch_size=batch_size, crop_shape=tuple(crop), foreground_fraction=foreground_fraction,
-        tumour_case_fraction=tumour_case_fraction, windows=windows_of(pre),
-        flip_axes=tuple(pre.get("flip_axes", ())), hu_scale_jitter=float(pre.get("hu_scale_jitter", 0.05)),
-        hu_shift_jitter=float(pre.get("hu_shift_jitter", 20.0)), seed=seed,
-    )
-    cfg.check()
-    return TumourBatches(datasets.data_source(data.name, data.config, "train", data.data_dir), cfg)
-
-
-def tumour_types(data: DataSpec, keys: set[str]) -> dict[int, str]:
-    """`{lesion_map value: tumour type}` where the dataset says which voxel is which finding (the
-    synthetic phantom: 1 + catalogue index; the catalogue's `is_tumor` findings); else {}."""
-    if data.name != "ctglip_synthetic" or "lesion_map" not in keys:
-        return {}
-    from ctglip_jax.data.findings import FINDINGS
-
-    return {i + 1: f.name for i, f in enumerate(FINDINGS) if f.is_tumor}
-
-
-def whole_volumes(data: DataSpec, pretrained, split: str) -> Iterator[dict[str, np.ndarray]]:
-    """Uncropped test cases `{image (1, X, Y, Z[, C]) in [0, 1], tumor_mask (1, X, Y, Z)[, lesion_map]}`
-    (sliding window), windowed as the pretrained model's data (one channel per HU window)."""
-    from ctglip_jax.data import datasets
-    from ctglip_jax.data.augment import apply_windows, windows_of
-
-    windows = windows_of(pretrained.config.data)
-    source = datasets.data_source(data.name, data.config, split, data.data_dir)
-    for i in range(len(source)):
-        record = source[i]
-        case = {
-            "image": apply_windows(np.asarray(record["volume"]), windows)[None],
-            "tumor_mask": (np.asarray(record["tumor_mask"]) > 0).astype(np.int32)[None],
-        }
-        if "lesion_map" in record:
-            case["lesion_map"] = np.asarray(record["lesion_map"])[None]
-        yield case
 
 
 def _progress(batches: Iterable, steps: int, what: str, log: Log) -> Iterator:
@@ -278,8 +126,6 @@ def _progress(batches: Iterable, steps: int, what: str, log: Log) -> Iterator:
 
 
 def _optimizer(lr: float, steps: int, weight_decay: float):
-    import optax
-
     warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1))
     return optax.adamw(schedule, weight_decay=weight_decay)
@@ -357,18 +203,13 @@ def run_detection(
     data_dir: str | None = None,
     manual_dir: str | None = None,
     pretrained_step: int | None = None,
-    log: Log = stderr_log,
+    log: Log = stderr,
 ) -> dict[str, Any]:
     """Tumour detection (`probe` or `full`) on `data`'s train split, AUC/accuracy/F1 on its test split.
 
     `pretrained`: a `pretrained.Pretrained` (`load_pretrained(workdir)`); `data`: `NAME[:CONFIG]`, an MSD
     folder or a `DataSpec` (default: the pretraining dataset). Returns the JSON-ready result dict.
     """
-    import jax
-
-    from ctglip_jax.evaluators import tumor_detection as T
-    from ctglip_jax.evaluators.metrics import json_ready
-
     start = time.perf_counter()
     s = _setup("detection", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch, data_dir,
                manual_dir, pretrained_step, log)
@@ -406,12 +247,14 @@ def run_detection(
         head = _probe_head(x_lp, y_lp, int(tower.feature_dim), seed, log)
         batches = training_batches(s.data, pretrained, s.crop, batch_size, seed)
         try:
-            tuned, losses = _finetune_encoder_and_head(
-                encoder_fn, s.encoder_params, head, _progress(batches, steps, "detection/full", log),
-                _optimizer(lr, steps, 0.05), label_key,
+            tuned, report = T.finetune_detection(
+                encoder_fn, s.encoder_params, _progress(batches, steps, "detection/full", log), None,
+                steps=steps, feature_dim=int(tower.feature_dim), tx=_optimizer(lr, steps, 0.05),
+                label_key=label_key, head=head,
             )
         finally:
             batches.close()
+        losses = np.asarray(report["train_losses"])
         train_seconds = time.perf_counter() - start
         x_test, y_test = T.pooled_features(encoder_fn, tuned["encoder"], test, label_key=label_key)
         head = jax.tree.map(np.asarray, tuned["head"])
@@ -430,42 +273,15 @@ def run_detection(
 
 
 def _probe_head(features: np.ndarray, labels: np.ndarray, feature_dim: int, seed: int, log: Log):
-    """LP-FT (Kumar et al., 2022): the full fine-tune's head starts as a linear probe on frozen features of
-    training crops (standardisation folded into the weights), so the first steps do not distort pretrained
-    features to fit a random head. The probe is strongly regularised (`LPFT_L2`): an overconfident start
-    (lesions are tiny, crops separable by chance) would send large gradients into the encoder. Without both
-    classes among the crops: a small random head."""
-    import jax.numpy as jnp
-
-    from ctglip_jax.evaluators import metrics as M
-    from ctglip_jax.evaluators import tumor_detection as T
-
-    if not M.has_both_classes(labels):
+    """The full fine-tune's starting head (`tumor_detection.lpft_head`). The probe is strongly regularised
+    (`LPFT_L2`): an overconfident start (lesions are tiny, crops separable by chance) would send large
+    gradients into the encoder. Without both classes among the crops: a small random head."""
+    head = T.lpft_head(features, labels, feature_dim, steps=DEFAULT_STEPS["detection", "probe"],
+                       learning_rate=DEFAULT_LR["detection", "probe"], l2=LPFT_L2, seed=seed)
+    if head is None:
         log("the crops hold a single class: the head starts random instead of from a linear probe")
         return T.init_detection_head(feature_dim, seed)
-    probe = T.fit_linear_probe(features, labels, steps=DEFAULT_STEPS["detection", "probe"],
-                               learning_rate=DEFAULT_LR["detection", "probe"], l2=LPFT_L2, seed=seed)
-    w = probe["w"] / probe["std"]
-    return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(probe["b"] - w @ probe["mean"], jnp.float32)}
-
-
-def _finetune_encoder_and_head(encoder_fn, encoder_params, head, batches: Iterable, tx, label_key: str):
-    """Trains `{"encoder", "head"}` on the batches with the library's jitted step; returns params, losses."""
-    import jax
-    import jax.numpy as jnp
-
-    from ctglip_jax.evaluators import tumor_detection as T
-
-    params = {"encoder": jax.tree.map(jnp.array, encoder_params), "head": head}  # copies: the step donates
-    opt_state = tx.init(params)
-    step = T.make_finetune_step(encoder_fn, tx)
-    losses = []
-    for batch in batches:
-        images = np.asarray(batch["image"], np.float32)
-        labels = (np.asarray(batch[label_key]).reshape(len(images), -1).max(axis=1) > 0).astype(np.int32)
-        params, opt_state, loss = step(params, opt_state, images, labels)
-        losses.append(float(loss))
-    return params, np.asarray(losses)
+    return head
 
 
 def run_segmentation(
@@ -491,7 +307,7 @@ def run_segmentation(
     decoder_features: int = 8,
     full_res: str = "pointwise",
     encoder_lr_mult: float = 1.0,
-    log: Log = stderr_log,
+    log: Log = stderr,
 ) -> dict[str, Any]:
     """Tumour segmentation on the encoder (`full` = fine-tuned, `probe` = frozen); test Dice per class and
     per tumour type.
@@ -503,11 +319,6 @@ def run_segmentation(
     a tumour-bearing case (None: the split's own rate), see `data/seg_batches.py`; `dice_weight` the soft
     Dice's weight against cross-entropy (`evaluators/segmentation.segmentation_loss`).
     """
-    import jax
-
-    from ctglip_jax.evaluators import segmentation as S
-    from ctglip_jax.evaluators.metrics import json_ready
-
     start = time.perf_counter()
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
@@ -572,8 +383,6 @@ def _log_metrics(result: Mapping[str, Any], log: Log) -> None:
 
 def write_result(result: Mapping[str, Any], out_dir: str | Path) -> Path:
     """`<out_dir>/finetune_<task>.json` (the folder is created)."""
-    import json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RESULT_FILE.format(task=result["task"])

@@ -14,7 +14,6 @@ objective from a config. Loss terms (weights in `config.loss`, a weight of 0 swi
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import jax
@@ -22,9 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctglip_jax import joint_text, losses
+from ctglip_jax import corpus_dictionary, joint_text, losses, progress
+from ctglip_jax.data.augment import windows_of
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.grounding import global_mean_pool
+from ctglip_jax.models.text import TextEmbedder
 from ctglip_jax.models.two_tower import TwoTower, two_tower
 from ctglip_jax.text_features import TextBank
 
@@ -61,13 +62,11 @@ def resolve_dictionary(config: ml_collections.ConfigDict, workdir: str | None = 
     `<workdir>/dictionary.json` (a resumed run and `ctglip eval` read it back); a path is read as written by
     `ctglip build-dictionary` and copied there too, so the workdir holds what the run trained with.
     """
-    from ctglip_jax import corpus_dictionary
-
     if not config.loss.use_dictionary:
         return None
     source = dictionary_source(config)
     if source == "synthetic":
-        from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
+        from ctglip_jax.data.phantom_dictionary import abnormality_dictionary  # phantom runs only
 
         return abnormality_dictionary()
     stored = os.path.join(workdir, DICTIONARY_FILE) if workdir else None
@@ -89,8 +88,7 @@ def resolve_dictionary(config: ml_collections.ConfigDict, workdir: str | None = 
     return corpus_dictionary.training_dictionary(d)
 
 
-def _progress(message: str) -> None:
-    print(f"[dictionary] {message}", file=sys.stderr, flush=True)
+_progress = progress.tagged("dictionary")
 
 
 def make_text_bank(
@@ -102,8 +100,6 @@ def make_text_bank(
 
     Inference passes `with_dictionary=False`: the dictionary (~700 sentences) only serves the training loss.
     """
-    from ctglip_jax.models.text import TextEmbedder
-
     if embedder is None:
         embedder = TextEmbedder(
             config.text.model_dir or None,
@@ -125,8 +121,6 @@ def make_model(config: ml_collections.ConfigDict) -> TwoTower:
 
     A ViT's position-embedding grid is sized to the training crop unless the config says otherwise.
     """
-    from ctglip_jax.data.augment import windows_of
-
     spec = config.model.to_dict()
     image_kw = dict(spec.get("image_tower_kw", {}))
     image_kw.setdefault("in_channels", len(windows_of(config.data)))  # one channel per HU window

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # slow to import: only when a figure is drawn
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

@@ -14,7 +14,10 @@ from typing import Any
 
 import ml_collections
 
+from ctglip_jax import checkpoint, joint_text, objective
 from ctglip_jax.errors import InputNotFoundError
+from ctglip_jax.evaluators import ZeroShotModel
+from ctglip_jax.models.text import TextEmbedder
 
 CONFIG_FILE = "config.json"
 
@@ -44,8 +47,6 @@ class Pretrained:
     workdir: Path
 
     def zero_shot_model(self):
-        from ctglip_jax.evaluators import ZeroShotModel
-
         return ZeroShotModel.from_two_tower(self.model, self.bank.embedder.embed)
 
     def image_tower_params(self) -> Any:
@@ -56,9 +57,6 @@ def text_embedder(config: ml_collections.ConfigDict, params: Any, source: Any = 
     """The workdir's text tower as a host `TextEmbedder`: the pretrained BERT of `config.text.model_dir`,
     with the top layers a joint-training run trained (`config.text.trainable_layers > 0`) taken from its
     params. Raises ConfigError when the params' text tower does not match the config."""
-    from ctglip_jax import joint_text
-    from ctglip_jax.models.text import TextEmbedder
-
     loaded = None
     if joint_text.trainable_layers(config):
         bert, _, tokenizer = joint_text.load_bert(config.text.model_dir or None)
@@ -75,12 +73,16 @@ def text_embedder(config: ml_collections.ConfigDict, params: Any, source: Any = 
 def load(workdir: str | Path, step: int | None = None, embedder=None) -> Pretrained:
     """Rebuild the model of a training workdir and load its params (latest step unless `step`); the text
     tower is the trained one when the run trained it."""
-    from ctglip_jax import checkpoint, objective
-
     config = load_config(workdir)
-    model = objective.make_model(config)
-    params = checkpoint.load_params(workdir, step=step)
+    return from_params(config, checkpoint.load_params(workdir, step=step), workdir, embedder)
+
+
+def from_params(
+    config: ml_collections.ConfigDict, params: Any, workdir: str | Path, embedder=None
+) -> Pretrained:
+    """The model of `config` with `params` (a checkpoint's, or the train state's during training)."""
     if embedder is None:
         embedder = text_embedder(config, params, workdir)
     bank = objective.make_text_bank(config, embedder=embedder, with_dictionary=False)
-    return Pretrained(config=config, model=model, params=params, bank=bank, workdir=Path(workdir))
+    return Pretrained(config=config, model=objective.make_model(config), params=params, bank=bank,
+                      workdir=Path(workdir))

@@ -19,8 +19,11 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from ctglip_jax import checkpoint, config_lib, demo, pretrained, train
+from ctglip_jax.data import datasets
 from ctglip_jax.data.findings import FINDINGS_BY_NAME
 from ctglip_jax.errors import ConfigError
 
@@ -133,10 +136,6 @@ def overrides(settings: StudySettings, run: Run, data_dir: str) -> list[str]:
 
 def run_one(settings: StudySettings, run: Run, data_dir: str, say: Callable[[str], None]) -> dict:
     """Pretrain (resuming if a checkpoint exists), evaluate, and return the result row (metrics + cost)."""
-    import jax
-
-    from ctglip_jax import checkpoint, config_lib, demo, pretrained, train
-
     run_dir = settings.out / "runs" / run.name
     workdir = run_dir / "workdir"
     config = config_lib.load_config(run.spec, overrides(settings, run, data_dir))
@@ -184,8 +183,6 @@ def run_study(
     say: Callable[[str], None] = _print,
 ) -> dict:
     """Build the data, run every unfinished run, aggregate; writes `<out>/results.json` and `results.md`."""
-    from ctglip_jax.data import datasets
-
     settings.check()
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,11 @@ import shutil
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from ctglip_jax import joint_text
+from ctglip_jax import checkpoint, joint_text, pretrained
 from ctglip_jax.errors import ConfigError, CTGlipInputError
+from ctglip_jax.models.text import default_model_dir, hf_to_flax_names, read_all_tensors, stored_names
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 PROVENANCE_FILE = "ctglip_export.json"
@@ -28,11 +30,6 @@ def export_text_tower(
 ) -> dict[str, Any]:
     """Writes the workdir's trained text tower to `out`; returns what was written (also in
     `out/ctglip_export.json`). Refuses a run that did not train its tower, and an existing `out`."""
-    from safetensors.numpy import save_file
-
-    from ctglip_jax import checkpoint, pretrained
-    from ctglip_jax.models.text import default_model_dir, hf_to_flax_names, read_all_tensors, stored_names
-
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     config = pretrained.load_config(workdir)
     k = joint_text.trainable_layers(config)

@@ -17,9 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ctglip_jax.config_defaults import ORGAN_PROMPT as DEFAULT_PROMPT
 from ctglip_jax.data import organs
-
-DEFAULT_PROMPT = "A CT image of the {organ}."
 
 
 def text_key(text: str) -> int:

@@ -32,13 +32,24 @@ import numpy as np
 import optax
 
 from ctglip_jax import checkpoint as ckpt_lib
-from ctglip_jax import config_lib, joint_text, objective, optim, sharding, text_store_build
-from ctglip_jax.errors import CTGlipInputError
+from ctglip_jax import (
+    config_lib,
+    evals,
+    joint_text,
+    objective,
+    optim,
+    pretrained,
+    sharding,
+    text_store_build,
+)
+from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
+from ctglip_jax.errors import ConfigError, CTGlipInputError
 
 log = logging.getLogger(__name__)
 
 # Fault injection for the resume test: after the checkpoint of this step is on disk, SIGKILL ourselves.
 KILL_AT_STEP_ENV = "CTGLIP_SIGKILL_AFTER_CHECKPOINT"
+EVAL_HISTORY_FILE = "eval_history.jsonl"  # one line per step the configured evaluators ran (evals.py)
 
 
 class TrainingDivergedError(CTGlipInputError):
@@ -122,8 +133,6 @@ class ValidationLoss:
     """
 
     def __init__(self, config, data_cfg, text: TextSide, loss_fn):
-        from ctglip_jax.data.pipeline import InputPipeline
-
         eval_cfg = dataclasses.replace(
             data_cfg, split=config.eval.split, shuffle=False, random_augment=False, num_epochs=1
         )
@@ -169,8 +178,6 @@ class TrainResult:
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainResult:
     """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
-    from ctglip_jax.data.pipeline import InputPipeline, PipelineConfig, check_batch_divides
-
     joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
     objective.dictionary_source(config)  # the phantom's catalogue never reaches a model of user data
     check_workdir_matches(config, workdir)
@@ -221,6 +228,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
     validation = None
     if int(config.eval.every) > 0 and int(config.eval.num_batches) > 0:
         validation = ValidationLoss(config, data_cfg, text, fns.loss_fn)
+    eval_specs = [s for s in evals.specs(config) if s.every > 0]
+    if eval_specs and jax.process_count() > 1:
+        raise ConfigError("config.evals", "evaluators during training run in one process; set every=0 and "
+                                          "run `ctglip eval` on the checkpoints")
     step_fn = fns.step
 
     # ---- loop
@@ -250,6 +261,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
                 )
         history.extend({"step": s, **{k: float(v) for k, v in m.items()}} for s, m in fetched)
         return {k: float(v) for k, v in fetched[-1][1].items()} if fetched else {}
+
+    def run_evaluators(step: int) -> None:
+        """The configured evaluators due at `step`, on the current params (evals.py)."""
+        specs = evals.due(eval_specs, step, total_steps)
+        if not specs or not is_main:
+            return
+        metrics = dict(evals.run(config, specs, jax.device_get(state.params), workdir, step=step))
+        history.append({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        print(f"evaluators step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+        with open(os.path.join(workdir, EVAL_HISTORY_FILE), "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if writer is not None:
+            for k, v in metrics.items():
+                writer.add_scalar(f"eval/{k}", v, step)
 
     def evaluate(step: int) -> None:
         if validation is None:
@@ -313,6 +338,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
                 t0, steps_timed, data_wait = time.perf_counter(), 0, 0.0
             if step % int(config.eval.every or total_steps) == 0 or step == total_steps:
                 evaluate(step)
+            run_evaluators(step)
             if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
                 last = flush_metrics() or last
                 data_state = upcoming.result()[0] if upcoming is not None else pipeline.get_state()
@@ -407,8 +433,6 @@ def make_step_functions(
 
 def check_workdir_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Resuming a workdir whose checkpoints hold another text tower would fail deep in Orbax: say it here."""
-    from ctglip_jax import pretrained
-
     saved = os.path.join(workdir, pretrained.CONFIG_FILE)
     if not (os.path.isfile(saved) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
         return
@@ -423,7 +447,7 @@ def optim_global_norm(tree) -> jax.Array:
 
 def _summary_writer(workdir: str):
     try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # pulls in protobuf; only a run that logs needs it
     except ImportError:  # pragma: no cover - tensorboardX is a pinned dependency
         return None
     return SummaryWriter(os.path.join(workdir, "tensorboard"))

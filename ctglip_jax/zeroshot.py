@@ -20,191 +20,55 @@ to it, so the model sees the scan through sliding windows of exactly the trainin
   runs); for runs on user data, per organ, its corpus dictionary's abnormal descriptions against its normal
   statements ("any abnormality").
 
-Where the spacing comes from (in this order): an explicit `spacing`; `spacing` in the workdir config's
-`data` section; the training dataset's records when it is built here (field `spacing`); its builder config
-(the synthetic phantom preset, or `ctglip_nifti`'s `preprocess.spacing`), which needs no data. The report
-says which one was used.
+Scan loading and resampling live in `data/scan.py`; where the training spacing comes from in
+`datasets.training_spacing` (the report says which source was used).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import nibabel as nib
 import numpy as np
 
-from ctglip_jax.data import ct, organs
-from ctglip_jax.errors import ConfigError, CTGlipInputError
+from ctglip_jax import config_defaults, objective, plots
+from ctglip_jax import pretrained as pretrained_lib
+from ctglip_jax.checkpoint import checkpoint_step
+from ctglip_jax.corpus_dictionary import load_dictionary
+from ctglip_jax.data import organs
+from ctglip_jax.data.augment import windows_of
+from ctglip_jax.data.datasets import training_spacing
+from ctglip_jax.data.scan import prepare_scan, to_input_grid
+from ctglip_jax.errors import CTGlipInputError
+from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings
+from ctglip_jax.evaluators.sliding_window import SlidingWindow
+from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pair_probabilities
+from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
+from ctglip_jax.models.grounding import organ_sums
+from ctglip_jax.models.two_tower import TwoTower
+from ctglip_jax.progress import stderr
 
 OVERLAP = 0.5
 TOP_K = 5
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------- spacing
-def _builder_spacing(dataset: str, config_name: str | None, data_dir: str | None) -> tuple[Any, str]:
-    """(spacing or None, source) from the dataset's records when built, else from its builder config."""
-    from ctglip_jax.data import datasets
-
-    try:
-        builder = datasets.make_builder(dataset, config_name or None, data_dir or None)
-    except (CTGlipInputError, ImportError):
-        return None, ""
-    name = f"{dataset}/{builder.builder_config.name}"
-    if builder.is_prepared():
-        for split in builder.info.splits:
-            source = builder.as_data_source(split=split)
-            if len(source):
-                return np.asarray(source[0]["spacing"], np.float64), f"records of {name} ({split}[0])"
-    cfg = builder.builder_config
-    if hasattr(cfg, "preprocess"):
-        return np.asarray(cfg.preprocess.spacing, np.float64), f"builder config {name} (preprocess.spacing)"
-    if hasattr(cfg, "preset"):
-        from ctglip_jax.data.synthetic import PhantomConfig
-
-        return np.asarray(PhantomConfig.preset(cfg.preset).spacing, np.float64), f"builder config {name}"
-    return None, ""
-
-
-def training_spacing(config, override: Sequence[float] | None = None) -> tuple[tuple[float, ...], str]:
-    """`(spacing mm, where it came from)` of the data the model was trained on (see the module docstring)."""
-    if override is not None:
-        spacing, source = np.asarray(override, np.float64), "given explicitly"
-    elif config.data.get("spacing"):
-        spacing, source = np.asarray(config.data.spacing, np.float64), "workdir config (data.spacing)"
-    else:
-        spacing, source = _builder_spacing(
-            config.data.dataset, config.data.get("config"), config.data.get("data_dir")
-        )
-        if spacing is None:
-            raise ConfigError(
-                "spacing",
-                f"cannot tell the training spacing of dataset "
-                f"{config.data.dataset!r}: pass it explicitly (--spacing X Y Z)",
-            )
-    spacing = np.broadcast_to(spacing, (3,))
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise ConfigError("spacing", f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
-    return tuple(float(s) for s in spacing), source
-
-
-# ------------------------------------------------------------------------------------------ preparation
-@dataclasses.dataclass(frozen=True)
-class InputGrid:
-    """The input file's voxel grid as stored (what output NIfTIs must match)."""
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    orientation: str
-    spacing: tuple[float, float, float]
-
-
-@dataclasses.dataclass
-class PreparedScan:
-    """A scan on the model grid: `image` in [0, 1] (canonical RAS+, training spacing), `labels` or None."""
-
-    image: np.ndarray  # (X, Y, Z), or (X, Y, Z, C) with several HU windows
-    labels: np.ndarray | None
-    affine: np.ndarray
-    input: InputGrid
-    windows: tuple[tuple[float, float], ...]
-    source: str
-
-
-def input_grid(path: str | Path, vol: ct.CTVolume) -> InputGrid:
-    """The stored grid of a NIfTI file (a DICOM folder has no stored NIfTI grid: its canonical one)."""
-    import nibabel as nib
-
-    if Path(path).is_dir():
-        affine, shape = vol.affine, vol.shape
-    else:
-        img = nib.load(str(path))
-        affine, shape = np.asarray(img.affine, np.float64), tuple(int(n) for n in img.shape[:3])
-    return InputGrid(
-        shape,
-        affine,
-        "".join(nib.aff2axcodes(affine)),
-        tuple(float(s) for s in nib.affines.voxel_sizes(affine)),
-    )
-
-
-def prepare_scan(
-    ct_path: str | Path,
-    mask_path: str | Path | None,
-    spacing: Sequence[float],
-    windows: Sequence[Sequence[float]],
-    mask_version: str = "v1",
-) -> PreparedScan:
-    """Load, check (mask on the same grid), reorient, resample (image linear, mask nearest) and window
-    (one channel per HU window in `windows`, as the model was trained). A TotalSegmentator v2 mask
-    (`mask_version="v2"`) is converted to v1 ids first."""
-    from ctglip_jax.data.augment import apply_windows
-
-    if mask_version not in ("v1", "v2"):
-        raise CTGlipInputError("--mask-version", f"must be v1 or v2, got {mask_version!r}")
-    vol = ct.load_ct(ct_path)
-    lut = organs.v2_to_v1_lut() if mask_version == "v2" else None
-    labels = ct.load_label_map(mask_path, reference=vol, lut=lut) if mask_path is not None else None
-    grid = input_grid(ct_path, vol)
-    resampled = ct.resample(vol, spacing, order=1)
-    model_labels = None
-    if labels is not None:
-        model_labels = np.asarray(ct.resample(labels, spacing, order=0).data, np.int32)
-    windows = tuple(tuple(float(v) for v in w) for w in windows)
-    image = np.ascontiguousarray(apply_windows(np.asarray(resampled.data), windows))
-    return PreparedScan(image, model_labels, resampled.affine, grid, windows, str(ct_path))
-
-
-def to_input_grid(values: np.ndarray, model_affine: np.ndarray, grid: InputGrid) -> np.ndarray:
-    """Resample a model-grid volume (linear) onto the input grid: voxel j of the input reads the model grid
-    at `inv(model_affine) @ input_affine @ j`; points past the last model voxel take the nearest one."""
-    from scipy import ndimage
-
-    to_model = np.linalg.inv(np.asarray(model_affine, np.float64)) @ np.asarray(grid.affine, np.float64)
-    return ndimage.affine_transform(
-        np.asarray(values, np.float32),
-        to_model[:3, :3],
-        offset=to_model[:3, 3],
-        output_shape=grid.shape,
-        order=1,
-        mode="nearest",
-        output=np.float32,
-    )
-
-
 # ---------------------------------------------------------------------------------------------- the model
-def _padding(shape: Sequence[int], window: Sequence[int]) -> list[tuple[int, int]]:
-    """Centred padding of axes shorter than the window (`SlidingWindow`'s rule)."""
-    before = [max(w - s, 0) // 2 for s, w in zip(shape, window, strict=True)]
-    return [(b, max(w - s, 0) - b) for s, w, b in zip(shape, window, before, strict=True)]
-
-
 class ScanInference:
     """A pretrained model applied to whole scans through sliding windows of its training crop."""
 
     def __init__(self, pretrained, *, overlap: float = OVERLAP, batch_size: int = 2):
-        import jax
-
-        from ctglip_jax.evaluators.prompts import TextEncoder
-        from ctglip_jax.evaluators.sliding_window import SlidingWindow
-        from ctglip_jax.models.grounding import organ_sums
-        from ctglip_jax.models.two_tower import TwoTower
-
         self.pretrained = pretrained
         self.config = pretrained.config
         self.params = pretrained.params
         self.window = tuple(int(w) for w in self.config.data.crop_shape)
         self.overlap = overlap
         self.batch_size = batch_size
-        self.min_voxels = int(self.config.data.get("min_organ_voxels", 8))
+        self.min_voxels = int(config_defaults.value(self.config, "data.min_organ_voxels"))
         self.zero_shot = pretrained.zero_shot_model()
         self.encode_text = TextEncoder(self.zero_shot.text_features, self.zero_shot.project_text, self.params)
         model = pretrained.model
@@ -222,13 +86,13 @@ class ScanInference:
             return model.apply({"params": params}, pooled, method=TwoTower.project_image)
 
         self._heatmap = SlidingWindow(similarity, self.window, overlap=overlap, batch_size=batch_size)
-        self._window_sums = jax.jit(window_sums)
+        # all-background filler windows and padding add nothing to the organ sums
+        self._organ_sums = SlidingWindow(window_sums, self.window, overlap=overlap, batch_size=batch_size,
+                                         reduce="sum")
         self._project = jax.jit(project)
 
     def num_windows(self, shape: Sequence[int]) -> int:
-        shape = tuple(shape)[:3]
-        padded = [s + a + b for s, (a, b) in zip(shape, _padding(shape, self.window), strict=True)]
-        return len(self._heatmap.windows(padded))
+        return self._heatmap.num_windows(shape)
 
     def heatmaps(self, image: np.ndarray, queries: Sequence[str]) -> np.ndarray:
         """`(X, Y, Z, Q)` cosine similarity of every voxel's embedding to each query, on the model grid."""
@@ -237,27 +101,8 @@ class ScanInference:
 
     def organ_embeddings(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`(104, E)` normalised organ embeddings (zero rows where absent) and `(104,)` voxel counts."""
-        pad = _padding(image.shape[:3], self.window)
-        channels = image.shape[3:]  # (C,) with several HU windows
-        image = np.pad(np.asarray(image, np.float32), pad + [(0, 0)] * len(channels))
-        labels = np.pad(np.asarray(labels, np.int32), pad)
-        corners = self._heatmap.windows(labels.shape)
-        wx, wy, wz = self.window
-        sums = counts = None
-        for first in range(0, len(corners), self.batch_size):
-            chunk = corners[first : first + self.batch_size]
-            crops = [
-                (image[x : x + wx, y : y + wy, z : z + wz], labels[x : x + wx, y : y + wy, z : z + wz])
-                for x, y, z in chunk
-            ]
-            crops += [(np.zeros(self.window + channels, np.float32), np.zeros(self.window, np.int32))] * (
-                self.batch_size - len(chunk)
-            )  # all-background fillers add nothing to the sums
-            s, c = self._window_sums(
-                self.params, np.stack([a for a, _ in crops]), np.stack([b for _, b in crops])
-            )
-            s, c = np.asarray(s, np.float64).sum(0), np.asarray(c, np.float64).sum(0)
-            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+        labels = np.asarray(labels, np.int32)
+        sums, counts = self._organ_sums(self.params, image, labels)
         voxels = np.bincount(labels.reshape(-1), minlength=organs.NUM_CLASSES + 1)[1 : organs.NUM_CLASSES + 1]
         present = voxels >= max(self.min_voxels, 1)
         mean = sums[1:] / np.maximum(counts[1:], 1.0)[:, None]
@@ -266,9 +111,7 @@ class ScanInference:
 
     def recognise(self, embeddings: np.ndarray, voxels: np.ndarray, top_k: int = TOP_K) -> dict[str, Any]:
         """Per organ present: the top-k organ prompts, softmax probabilities (model's logit scale)."""
-        from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
-
-        template = self.config.text.get("prompt", "A CT image of the {organ}.")
+        template = config_defaults.value(self.config, "text.prompt")
         prompts = OrganRecognitionEvaluator(self.zero_shot, templates=(template,)).prompt_embeddings(
             self.params
         )
@@ -294,12 +137,9 @@ class ScanInference:
         A phantom run knows the phantom's finding catalogue. A run on user data knows only its own corpus
         dictionary (`<workdir>/dictionary.json`): per organ, P(abnormal) of the pair (its abnormal
         descriptions, its normal statements), under the key "any abnormality"; never the phantom's."""
-        from ctglip_jax import objective
-
         if self.config.data.dataset != objective.SYNTHETIC_DATASET:
             return self._dictionary_abnormality(embeddings, voxels)
-        from ctglip_jax.data.findings import FINDINGS
-        from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pair_probabilities
+        from ctglip_jax.data.findings import FINDINGS  # phantom runs only
 
         present = voxels >= max(self.min_voxels, 1)
         findings = [f for f in FINDINGS if any(present[organs.organ_id(o) - 1] for o in f.organs)]
@@ -319,11 +159,6 @@ class ScanInference:
 
 
     def _dictionary_abnormality(self, embeddings: np.ndarray, voxels: np.ndarray) -> dict[str, dict]:
-        from ctglip_jax import objective
-        from ctglip_jax.corpus_dictionary import load_dictionary
-        from ctglip_jax.evaluators.prompts import ensemble_embeddings
-        from ctglip_jax.evaluators.zeroshot_abnormality import pair_probabilities
-
         path = Path(self.pretrained.workdir) / objective.DICTIONARY_FILE
         if not path.is_file():
             return {}
@@ -372,24 +207,18 @@ def run_zeroshot(
     spacing: Sequence[float] | None = None,
     overlap: float = OVERLAP,
     pretrained=None,
-    progress: Callable[[str], None] = _stderr,
+    progress: Callable[[str], None] = stderr,
 ) -> dict[str, Any]:
     """Everything `ctglip zeroshot` does; returns (and writes as `zeroshot.json`) the result dict.
 
     `pretrained` (from `pretrained.load`) skips loading the workdir again (tests, notebooks).
     """
-    import nibabel as nib
-
-    from ctglip_jax import pretrained as pretrained_lib
-    from ctglip_jax.checkpoint import checkpoint_step
-
     queries = check_queries(queries)
     if mask_path is None and not queries:
         raise CTGlipInputError("<arguments>", "nothing to do: give --mask (organ scores) and/or --query TEXT")
     config = pretrained.config if pretrained is not None else pretrained_lib.load_config(workdir)
     chosen_step = checkpoint_step(workdir, step)
     spacing_out, spacing_source = training_spacing(config, spacing)
-    from ctglip_jax.data.augment import windows_of
 
     windows = windows_of(config.data)
     scan = prepare_scan(ct_path, mask_path, spacing_out, windows, mask_version)  # input errors surface first
@@ -441,8 +270,6 @@ def run_zeroshot(
         )
         result["abnormality"] = inference.abnormality(embeddings, voxels)
     if queries:
-        from ctglip_jax import plots
-
         progress(f"{len(queries)} heatmap(s) over {n_windows} window(s)")
         maps = inference.heatmaps(scan.image, queries)
         result["queries"] = []

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--findings", default=DEFAULT_FINDINGS, help="comma-separated catalogue names")
     args = p.parse_args(argv)
 
-    from ctglip_jax import pretrained
+    from ctglip_jax import config_defaults, pretrained
     from ctglip_jax.data import organs
     from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, finding_phrasings
     from ctglip_jax.data.phantom_dictionary import normal_phrasings
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     model = pretrained.load(args.workdir)
     zero_shot = model.zero_shot_model()
-    min_voxels = int(model.config.data.get("min_organ_voxels", 8))
+    min_voxels = int(config_defaults.value(model.config, "data.min_organ_voxels"))
     emb = {
         split: collect_organ_embeddings(zero_shot.embed_organs, model.params,
                                         EvaluationData(model.config, split).batches(), min_voxels=min_voxels)

@@ -6,10 +6,23 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ctglip_jax import config_lib, sharding
+from ctglip_jax import config_defaults, config_lib, sharding
 from ctglip_jax.errors import ConfigError
 
 CONFIGS = ["ctglip_vit", "ctglip_cnn", "clip_vit", "clip_cnn"]
+
+
+def test_an_old_workdir_config_reads_the_shared_defaults():
+    """A stored config without a field (a workdir older than it) gets the default `base` sets, one source;
+    a field that is there, even falsy, is the config's own."""
+    old = ml_collections.ConfigDict({"data": {"window": (-100.0, 100.0), "flip_axes": ()}})
+    assert config_defaults.value(old, "data.window") == (-100.0, 100.0)
+    assert config_defaults.value(old, "data.flip_axes") == ()
+    assert config_defaults.value(old, "data.min_organ_voxels") == 8
+    prompt = config_defaults.value(old, "text.prompt")
+    assert prompt == config_defaults.ORGAN_PROMPT == "A CT image of the {organ}."
+    with pytest.raises(KeyError):
+        config_defaults.value(old, "data.no_such_field")  # only fields the defaults know
 
 
 @pytest.mark.parametrize("name", CONFIGS)

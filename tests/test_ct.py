@@ -20,6 +20,7 @@ import scipy.ndimage as ndi
 from nibabel.testing import data_path
 
 from ctglip_jax.data import ct
+from ctglip_jax.data.augment import AIR_HU
 
 SHAPE = (14, 11, 9)
 SPACING = (0.8, 1.1, 2.5)  # anisotropic
@@ -186,7 +187,7 @@ def test_crop_or_pad_keeps_world_positions(shape, center):
     out = ct.crop_or_pad(vol, shape, center=center)
     assert out.shape == shape
     expected = _world(out.affine, shape)[..., 0]
-    inside = out.data != ct.HU_AIR
+    inside = out.data != AIR_HU
     np.testing.assert_allclose(out.data[inside], expected[inside], atol=1e-3)
     # pad voxels are exactly those whose centre falls outside the input grid
     src = nib.affines.apply_affine(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from ctglip_jax import config_lib, finetune, train
+from ctglip_jax import config_lib, finetune, finetune_data, train
 from ctglip_jax.cli import main as cli_main
 from ctglip_jax.data import datasets
 from ctglip_jax.errors import ConfigError, CTGlipInputError
@@ -217,13 +217,13 @@ def test_bad_input_is_one_line_exit_2(workdir, data_dir, tmp_path, capsys, args,
 
 
 def test_parse_data_and_crop_rules(tmp_path):
-    assert finetune.parse_data("ctglip_synthetic") == finetune.DataSpec("ctglip_synthetic", None, None)
-    assert finetune.parse_data("msd_tumor:liver", "/d", "/m") == finetune.DataSpec("msd_tumor", "liver", "/d",
-                                                                                    "/m")
+    parse, spec = finetune_data.parse_data, finetune_data.DataSpec
+    assert parse("ctglip_synthetic") == spec("ctglip_synthetic", None, None)
+    assert parse("msd_tumor:liver", "/d", "/m") == spec("msd_tumor", "liver", "/d", "/m")
     (tmp_path / "dataset.json").write_text("{}")
-    msd = finetune.DataSpec("msd_tumor", "default", None, str(tmp_path))
-    assert finetune.parse_data(str(tmp_path)) == msd
-    assert finetune.parse_data(f"{tmp_path}:tiny").config == "tiny"
+    msd = finetune_data.DataSpec("msd_tumor", "default", None, str(tmp_path))
+    assert finetune_data.parse_data(str(tmp_path)) == msd
+    assert finetune_data.parse_data(f"{tmp_path}:tiny").config == "tiny"
     vit = vit3d("tiny", patch_size=(4, 4, 2))
     assert finetune.crop_multiple(vit) == (4, 4, 2) and finetune.check_crop([8, 4, 6], vit) == (8, 4, 6)
     with pytest.raises(ConfigError, match="patch size"):
@@ -233,14 +233,14 @@ def test_parse_data_and_crop_rules(tmp_path):
     with pytest.raises(ConfigError, match="total stride"):
         finetune.check_crop((8, 8, 6), unet)
     with pytest.raises(CTGlipInputError, match="unknown dataset"):
-        finetune.parse_data("imagenet")
+        finetune_data.parse_data("imagenet")
 
 
 def test_evaluation_crops_keep_every_record_in_order(workdir, data_dir):
     """Centre crops of the test split in record order, last partial batch kept (numpy reference)."""
     pre = finetune.load_pretrained(workdir)
-    spec = finetune.DataSpec("ctglip_synthetic", "tiny", str(data_dir))
-    batches = list(finetune.evaluation_batches(spec, pre, CROP, 3, "test", ("image", "tumor_mask")))
+    spec = finetune_data.DataSpec("ctglip_synthetic", "tiny", str(data_dir))
+    batches = list(finetune_data.evaluation_batches(spec, pre, CROP, 3, "test", ("image", "tumor_mask")))
     assert [len(b["image"]) for b in batches] == [3, 3, 2]
     source = datasets.data_source("ctglip_synthetic", "tiny", "test", str(data_dir))
     images = np.concatenate([b["image"] for b in batches])
@@ -250,7 +250,7 @@ def test_evaluation_crops_keep_every_record_in_order(workdir, data_dir):
         crop = volume[tuple(slice(a, a + c) for a, c in zip(start, CROP, strict=True))]
         expected = np.stack([np.clip((crop - lo) / (hi - lo), 0, 1) for lo, hi in WINDOWS], axis=-1)
         np.testing.assert_allclose(images[i], expected, atol=1e-6)
-    whole = list(finetune.whole_volumes(spec, pre, "test"))
+    whole = list(finetune_data.whole_volumes(spec, pre, "test"))
     assert len(whole) == len(source)
     np.testing.assert_array_equal(whole[1]["tumor_mask"][0], np.asarray(source[1]["tumor_mask"]) > 0)
     assert whole[1]["image"].shape == (1, *np.asarray(source[1]["volume"]).shape, len(WINDOWS))

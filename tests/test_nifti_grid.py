@@ -10,8 +10,8 @@ import pytest
 
 from ctglip_jax import cli
 from ctglip_jax.data import datasets
+from ctglip_jax.data.datasets import training_spacing
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.zeroshot import training_spacing
 from tfds_builders.ctglip_nifti import grid
 from tfds_builders.ctglip_nifti.preprocess import Preprocess
 

@@ -22,7 +22,7 @@ surrounding tissue of its organ, in the best of the three windows, averaged over
 The floor: **a mean per-voxel CNR of 1.5** for every localized finding at every preset. By the Rose
 criterion an observer finds a lesion of N voxels when CNR x sqrt(N) reaches about 5; the smallest
 low-contrast lesions the phantom draws have about 10 voxels or more (3-4 voxels across, see
-`synthetic.min_lesion_diameter`), where a per-voxel CNR of 1.5 gives 5; the high-contrast ones
+`phantom_lesions.min_lesion_diameter`), where a per-voxel CNR of 1.5 gives 5; the high-contrast ones
 (calcifications, stones, bone, anything in aerated lung: CNR > 15) pass with any voxel count. A per-voxel
 floor, rather than Rose alone, keeps a lesion from counting as visible only by integrating a large area of
 barely shifted voxels, which a model with a limited receptive field need not do. Single lesions may fall
@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import organs, phantom_stats, synthetic
+from ctglip_jax.data import organs, phantom_lesions, phantom_stats, synthetic
 
 FLOOR_LOCALIZED = 1.5
 FLOOR_DIFFUSE = 1.0
@@ -165,13 +165,13 @@ def test_lesion_size_floor_follows_contrast():
     """Low-contrast lesions are drawn larger on coarse grids than high-contrast ones, and never smaller
     than that floor (the report states the size drawn: test_synthetic checks the text)."""
     spacing = synthetic.PhantomConfig.preset("tiny").spacing
-    cyst = synthetic.lesion_contrast_hu(fcat.FINDINGS_BY_NAME["liver_cyst"], "liver")
-    fatty = synthetic.lesion_contrast_hu(
+    cyst = phantom_lesions.lesion_contrast_hu(fcat.FINDINGS_BY_NAME["liver_cyst"], "liver")
+    fatty = phantom_lesions.lesion_contrast_hu(
         fcat.FINDINGS_BY_NAME["liver_cyst"], "liver", fcat.FINDINGS_BY_NAME["hepatic_steatosis"]
     )
-    stone = synthetic.lesion_contrast_hu(fcat.FINDINGS_BY_NAME["renal_stone"], "kidney_left")
+    stone = phantom_lesions.lesion_contrast_hu(fcat.FINDINGS_BY_NAME["renal_stone"], "kidney_left")
     assert abs(fatty) < abs(cyst) < 100 <= abs(stone)
-    sizes = [synthetic.min_lesion_diameter(c, spacing) for c in (stone, cyst, fatty)]
+    sizes = [phantom_lesions.min_lesion_diameter(c, spacing) for c in (stone, cyst, fatty)]
     assert sizes == sorted(sizes) and sizes[0] == 2 * max(spacing[:2])
     config = _crowded("tiny")
     for seed in range(20):
@@ -182,5 +182,5 @@ def test_lesion_size_floor_follows_contrast():
             f = fcat.FINDINGS_BY_NAME[fd["name"]]
             if f.kind == "focal":
                 diffuse = steatosis if fatty and fd["organ"] == "liver" else None
-                contrast = synthetic.lesion_contrast_hu(f, fd["organ"], diffuse)
-                assert fd["size_mm"] >= round(synthetic.min_lesion_diameter(contrast, spacing)), fd
+                contrast = phantom_lesions.lesion_contrast_hu(f, fd["organ"], diffuse)
+                assert fd["size_mm"] >= round(phantom_lesions.min_lesion_diameter(contrast, spacing)), fd

@@ -94,6 +94,36 @@ def test_sliding_window_rejects_bad_volumes():
         slider(LINEAR_PARAMS, np.zeros((4, 4), np.float32))
 
 
+def test_sum_mode_adds_every_window_once_against_a_loop():
+    """`reduce="sum"`: per-window outputs of a pytree, summed over the real windows only (numpy loop over
+    the padded volume as the reference); the aligned label map is cropped with the volume."""
+    rng = np.random.default_rng(1)
+    volume = rng.random((11, 6, 3)).astype(np.float32)  # z shorter than the window: padded
+    labels = rng.integers(0, 3, (11, 6, 3)).astype(np.int32)
+
+    def per_label(params, windows, labs):
+        onehot = jax.nn.one_hot(labs, 3)
+        return {"sum": jnp.einsum("bxyz,bxyzk->bk", windows, onehot) * params, "n": onehot.sum((1, 2, 3))}
+
+    slider = SlidingWindow(per_label, (4, 4, 4), overlap=0.5, batch_size=3, reduce="sum")
+    out = slider(2.0, volume, labels)
+    pad = [(0, 0), (0, 0), (0, 1)]
+    v, lab = np.pad(volume, pad), np.pad(labels, pad)
+    expected_sum, expected_n = np.zeros(3), np.zeros(3)
+    for x, y, z in slider.windows(v.shape):
+        w, wl = v[x : x + 4, y : y + 4, z : z + 4], lab[x : x + 4, y : y + 4, z : z + 4]
+        for k in range(3):
+            expected_sum[k] += 2.0 * w[wl == k].sum()
+            expected_n[k] += (wl == k).sum()
+    assert slider.num_windows(volume.shape) == len(slider.windows(v.shape)) == 10  # not a multiple of 3
+    np.testing.assert_allclose(out["sum"], expected_sum, rtol=1e-5)
+    np.testing.assert_array_equal(out["n"], expected_n)  # filler windows (label 0) dropped
+    with pytest.raises(ConfigError, match="reduce"):
+        SlidingWindow(per_label, (4, 4, 4), reduce="mean")
+    with pytest.raises(ConfigError, match="aligned"):
+        slider(2.0, volume, labels[:5])
+
+
 # ----------------------------------------------------------------------------------- heads
 def test_unetr_strides_and_layers():
     assert seg_heads.upsampling_strides((4, 4, 2)) == [(2, 2, 1), (2, 2, 2)]

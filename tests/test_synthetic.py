@@ -91,7 +91,7 @@ def test_at_least_30_organs_with_v1_ids(normal_cases):
     for case in normal_cases:
         present = set(np.unique(case.label_map).tolist()) - {0}
         assert present <= set(range(1, organs.NUM_CLASSES + 1))
-        assert {IDS[n] for n in synthetic.PHANTOM_ORGANS} == present
+        assert {IDS[n] for n in fcat.PHANTOM_ORGANS} == present
         assert len(present) >= 30
     must = [
         "lung_upper_lobe_left",
@@ -127,7 +127,7 @@ def test_at_least_30_organs_with_v1_ids(normal_cases):
         "iliopsoas_left",
         "iliopsoas_right",
     ]
-    assert set(must) <= set(synthetic.PHANTOM_ORGANS)
+    assert set(must) <= set(fcat.PHANTOM_ORGANS)
 
 
 def _centroid_world(case, name):
@@ -247,7 +247,7 @@ def test_catalogue_size_and_templates():
     assert len(organ_kinds) >= 7, organ_kinds
     for f in fcat.FINDINGS:
         assert len(f.phrasings) >= 2 and f.impressions and f.prompt
-        assert set(f.organs) <= set(synthetic.PHANTOM_ORGANS), f.name
+        assert set(f.organs) <= set(fcat.PHANTOM_ORGANS), f.name
         for t in f.phrasings + f.impressions:
             out = fcat.fill(t, size="9 mm", location="x", side="left", level="T9")
             assert "{" not in out
@@ -346,7 +346,7 @@ def test_organ_texts_and_flags_agree_with_findings():
     cfg = synthetic.PhantomConfig.preset("tiny", finding_prevalence=0.2)
     for seed in range(150):
         case = synthetic.generate_case(seed, cfg, render=False)
-        assert set(case.organ_texts) == set(case.abnormal) <= set(synthetic.PHANTOM_ORGANS)
+        assert set(case.organ_texts) == set(case.abnormal) <= set(fcat.PHANTOM_ORGANS)
         assert {o for o, a in case.abnormal.items() if a} == {fd["organ"] for fd in case.findings}
         for _organ, text in case.organ_texts.items():
             for sentence in re.split(r"(?<=\.) ", text):

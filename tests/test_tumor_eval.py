@@ -91,3 +91,25 @@ def test_tiny_finetune_decreases_loss():
         lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), encoder_params, params["encoder"]
     )
     assert any(jax.tree.leaves(changed))
+
+
+def test_finetune_starts_from_the_given_head():
+    """With `head`, the first step's loss is that head's cross-entropy on the batch (zero steps of change
+    before it); the LP-FT head reproduces its probe's probabilities on raw features."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(2, 3)).astype(np.float32)
+    images = np.broadcast_to(features[:, None, None, None, :], (2, 2, 2, 2, 3)).copy()
+    batches = [{"image": images, "has_tumor": np.array([0, 1], np.int8)}]
+    head = {"w": np.array([0.5, -1.0, 2.0], np.float32), "b": np.float32(0.3)}
+    _, report = T.finetune_detection(lambda p, x: x * p, jnp.ones(()), batches, None, steps=1,
+                                     feature_dim=3, head=head, learning_rate=0.0)
+    logits = features.astype(np.float64) @ head["w"] + 0.3
+    expected = np.mean(np.log1p(np.exp(-logits)) * [0, 1] + np.log1p(np.exp(logits)) * [1, 0])
+    np.testing.assert_allclose(report["train_losses"][0], expected, rtol=1e-5)
+    x = rng.normal(size=(30, 3)).astype(np.float32) * [1, 4, 0.2] + [2, 0, -1]
+    y = (x[:, 0] > 2).astype(np.int32)
+    lp = T.lpft_head(x, y, 3, steps=50, learning_rate=0.05, l2=0.1)
+    probe = T.fit_linear_probe(x, y, steps=50, learning_rate=0.05, l2=0.1)
+    raw = 1 / (1 + np.exp(-(x.astype(np.float64) @ np.asarray(lp["w"]) + float(lp["b"]))))
+    np.testing.assert_allclose(raw, T.probe_scores(probe, x), atol=1e-5)
+    assert T.lpft_head(x, np.ones(30, np.int32), 3, steps=5, learning_rate=0.05, l2=0.1) is None

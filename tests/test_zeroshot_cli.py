@@ -16,7 +16,7 @@ from test_eval_cli import PNG_MAGIC, tiny_config
 
 from ctglip_jax import pretrained, train, zeroshot
 from ctglip_jax.cli import main as cli_main
-from ctglip_jax.data import organs
+from ctglip_jax.data import datasets, organs, scan
 from ctglip_jax.data.augment import DEFAULT_WINDOWS
 from ctglip_jax.data.findings import FINDINGS
 from ctglip_jax.data.synthetic import PhantomConfig, generate_case
@@ -187,7 +187,7 @@ def test_to_input_grid_matches_world_coordinates():
     input_affine = nib.affines.from_matvec(
         nib.eulerangles.euler2mat(0.3, -0.2, 0.1) @ np.diag([-1.5, -1.2, 2.0]), [40.0, 30.0, -20.0]
     )
-    grid = zeroshot.InputGrid(
+    grid = scan.InputGrid(
         (20, 18, 12), input_affine, "".join(nib.aff2axcodes(input_affine)), (1.5, 1.2, 2.0)
     )
     canonical = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(grid.shape, np.float32), input_affine))
@@ -200,7 +200,7 @@ def test_to_input_grid_matches_world_coordinates():
 
     model_ijk = np.stack(np.meshgrid(*map(np.arange, model_shape), indexing="ij"), -1)
     values = field(nib.affines.apply_affine(model_affine, model_ijk)).astype(np.float32)
-    back = zeroshot.to_input_grid(values, model_affine, grid)
+    back = scan.to_input_grid(values, model_affine, grid)
     input_ijk = np.stack(np.meshgrid(*map(np.arange, grid.shape), indexing="ij"), -1)
     inside_model = np.all(
         (nib.affines.apply_affine(np.linalg.inv(model_affine) @ input_affine, input_ijk) >= 0)
@@ -217,14 +217,14 @@ def test_to_input_grid_matches_world_coordinates():
 
 def test_training_spacing_sources(loaded, tmp_path):
     config = loaded.config.copy_and_resolve_references()
-    assert zeroshot.training_spacing(config, [2, 2, 3]) == ((2.0, 2.0, 3.0), "given explicitly")
+    assert datasets.training_spacing(config, [2, 2, 3]) == ((2.0, 2.0, 3.0), "given explicitly")
     config.data.data_dir = str(tmp_path / "no_data_here")  # not built: the builder config still knows
-    spacing, source = zeroshot.training_spacing(config)
+    spacing, source = datasets.training_spacing(config)
     assert spacing == PhantomConfig.preset(PRESET).spacing and source.startswith("builder config")
     config.data.spacing = (1.5, 1.5, 3.0)
-    assert zeroshot.training_spacing(config) == ((1.5, 1.5, 3.0), "workdir config (data.spacing)")
-    with pytest.raises(zeroshot.ConfigError, match="positive"):
-        zeroshot.training_spacing(config, [1, 0, 1])
+    assert datasets.training_spacing(config) == ((1.5, 1.5, 3.0), "workdir config (data.spacing)")
+    with pytest.raises(datasets.ConfigError, match="positive"):
+        datasets.training_spacing(config, [1, 0, 1])
 
 
 def _one_error_line(capsys, argv):

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from etils import epath
 
-from ctglip_jax.data import datasets
+from ctglip_jax.data import records
 from ctglip_jax.errors import CTGlipInputError
 
 T = TypeVar("T")
@@ -78,7 +78,7 @@ class BuildsCases:
         finally:
             self._remove_skip_root()
         if not was_prepared:
-            (epath.Path(self.data_dir) / datasets.SKIPPED_FILE).write_text(
+            (epath.Path(self.data_dir) / records.SKIPPED_FILE).write_text(
                 json.dumps(self._skipped, indent=1)
             )
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
+from ctglip_jax import progress
 from ctglip_jax.errors import CTGlipInputError
 
 NAME = "build-dictionary"
@@ -48,8 +48,7 @@ def parse_data(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def _log(message: str) -> None:
-    print(f"[build-dictionary] {message}", file=sys.stderr, flush=True)
+_log = progress.tagged("build-dictionary")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,9 @@
 Example:
     ctglip eval --workdir /tmp/ctglip_vit --evaluators organ,abnormality,retrieval
 
-Reads the held-out split (default `test`) of the dataset named in the workdir's config.json, every case.
+Runs the evaluators of the workdir config's `evals` (evals.py; the three below unless configured: the ones
+training runs on its schedule), once. Reads the held-out split (default: theirs, `test`) of the dataset named
+in the workdir's config.json, every case.
 Each organ is pooled over the whole stored volume with sliding windows of the training crop
 (`--centre-crop`: inside one centre crop of that size, the protocol before, for comparison). Runs
 zero-shot organ recognition (top-1/top-5, per organ, confusion matrix), zero-shot abnormality detection
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 
+from ctglip_jax import progress
+
 NAME = "eval"
 HELP = "zero-shot evaluation of a trained workdir (eval.json + plots)"
 
@@ -34,10 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--evaluators",
-        default="organ,abnormality,retrieval",
-        help="comma-separated subset of organ,abnormality,retrieval (default: all)",
+        default=None,
+        help="comma-separated subset of organ,abnormality,retrieval (default: the types of the workdir "
+        "config's `evals`, all three unless configured)",
     )
-    parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
+    parser.add_argument(
+        "--split", default=None, help="dataset split to evaluate (default: the config's `evals` split, test)"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", default=None, help="output folder (default: <workdir>/eval)")
     parser.add_argument(
@@ -70,28 +77,34 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ctglip_jax import checkpoint, evaluation, pretrained
+    from ctglip_jax import checkpoint, evals, evaluation, pretrained
+    from ctglip_jax.errors import CTGlipInputError
 
     start = time.perf_counter()
-    evaluators = evaluation.parse_evaluators(args.evaluators)  # fail on a typo before loading anything
+    if args.evaluators is not None:
+        evaluation.parse_evaluators(args.evaluators)  # fail on a typo before loading anything
     labels = None
     if args.findings and not args.labels:
-        from ctglip_jax.errors import CTGlipInputError
-
         raise CTGlipInputError("--findings", "is the spec of --labels: give --labels FILE too")
     if args.labels:  # a bad labels file fails here, before any model is loaded
         from ctglip_jax.evaluators.labels import read_labels, read_spec
 
         labels = read_labels(args.labels, read_spec(args.findings) if args.findings else None)
     config = pretrained.load_config(args.workdir)
+    specs = evals.specs(config)  # the evaluators training ran (evals.py), here all once
+    evaluators = evaluation.parse_evaluators(args.evaluators or [s.type for s in specs])
+    splits = {s.split for s in specs if s.type in evaluators}
+    if args.split is None and len(splits) > 1:
+        raise CTGlipInputError("--split", f"the config's evals read the splits {sorted(splits)}: choose one")
+    split = args.split or (splits.pop() if splits else "test")
     step = checkpoint.checkpoint_step(args.workdir, args.step)
     data = evaluation.EvaluationData(  # fail fast
-        config, args.split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
+        config, split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
     )
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
-    evaluation.progress_message(f"loading the model of {args.workdir} (step {step})")
+    progress.stderr(f"loading the model of {args.workdir} (step {step})")
     model = pretrained.load(args.workdir, step=step)
-    evaluation.progress_message(f"  loaded in {time.perf_counter() - start:.1f} s")
+    progress.stderr(f"  loaded in {time.perf_counter() - start:.1f} s")
     evaluation.evaluate(
         model,
         evaluators=evaluators,
@@ -101,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
         step=step,
         labels=labels,
     )
-    evaluation.progress_message(f"done in {time.perf_counter() - start:.1f} s")
+    progress.stderr(f"done in {time.perf_counter() - start:.1f} s")
     print(out)
     return 0

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from ctglip_jax.data import organs
+from ctglip_jax.data.augment import AIR_HU, DEFAULT_WINDOW
 from ctglip_jax.errors import (
     CorruptFileError,
     CTGlipInputError,
@@ -42,9 +43,6 @@ from ctglip_jax.errors import (
     UnreadableFileError,
     VolumeShapeError,
 )
-
-HU_AIR = -1024.0
-DEFAULT_WINDOW = (-1150.0, 350.0)  # fVLM's abdominal-and-lung window, mapped to [0, 1].
 
 
 class OrganNotFoundError(CTGlipInputError, ValueError):
@@ -457,7 +455,7 @@ def crop_or_pad(vol: CTVolume, shape, *, center=None, pad_value: float | None = 
             int(round(float(c))) - s // 2 for c, s in zip(np.broadcast_to(center, (3,)), shape, strict=True)
         ]
     if pad_value is None:
-        pad_value = 0 if np.issubdtype(vol.data.dtype, np.integer) else HU_AIR
+        pad_value = 0 if np.issubdtype(vol.data.dtype, np.integer) else AIR_HU
     return _crop(vol, start, shape, pad_value)
 
 
@@ -487,4 +485,4 @@ def crop_to_mask_bbox(
     lo = np.maximum(lo - margin.astype(np.int64), 0)
     hi = np.minimum(hi + margin.astype(np.int64), np.array(vol.shape) - 1)
     shape = hi - lo + 1
-    return _crop(vol, lo, shape, HU_AIR), _crop(mask, lo, shape, 0)
+    return _crop(vol, lo, shape, AIR_HU), _crop(mask, lo, shape, 0)

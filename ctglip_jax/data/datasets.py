@@ -5,101 +5,32 @@ importing `tfds_builders.<name>` registers it. Everything here reads datasets wi
 `builder.as_data_source()` - random access records that Grain can shard, shuffle and checkpoint - and
 never with `as_dataset()`/tf.data, which would need TensorFlow.
 
-The record layout shared by all builders (so the input pipeline handles any of them):
-`volume` int16 HU (X, Y, Z) RAS+, `label_map` uint8 v1 organ ids, `spacing` float32 (3,) mm, `affine`
-float32 (4, 4), `report` text, `organ_text` 104 strings and `organ_abnormal` int8 (104,) indexed by
-`v1 id - 1` (-1 = the report does not mention the organ).
+The record layout shared by all builders is in `records.py`: the builders import that, never this
+module, so the dependency goes one way (this module imports the builders by name).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctglip_jax.data import organs
-from ctglip_jax.errors import ConfigError, CTGlipInputError, UnknownLabelError
+from ctglip_jax.data.records import read_skipped
+from ctglip_jax.errors import ConfigError, CTGlipInputError
 
 DATA_DIR_ENV = "CTGLIP_DATA_DIR"
 BUILDER_NAMES = ("ctglip_synthetic", "ctglip_nifti", "msd_tumor")
-SKIPPED_FILE = "skipped.json"
 
 
 def default_data_dir() -> str:
     """`$CTGLIP_DATA_DIR`, else TFDS's usual `~/tensorflow_datasets`."""
     return os.environ.get(DATA_DIR_ENV) or os.path.expanduser("~/tensorflow_datasets")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Record layout helpers (used by the builders).
-
-
-def volume_features(shape: tuple[int, int, int]) -> dict:
-    """Image features: zlib-compressed int16 volume (else TFDS upcasts ints to int64) and uint8 label map."""
-    import tensorflow_datasets as tfds
-
-    return {
-        "volume": tfds.features.Tensor(shape=shape, dtype=np.int16, encoding="zlib"),
-        "label_map": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
-        "spacing": tfds.features.Tensor(shape=(3,), dtype=np.float32),
-        "affine": tfds.features.Tensor(shape=(4, 4), dtype=np.float32),
-    }
-
-
-def report_features() -> dict:
-    """Report and its organ-level split, indexed by vocabulary position (v1 id - 1)."""
-    import tensorflow_datasets as tfds
-
-    return {
-        "report": tfds.features.Text(),
-        "organ_text": tfds.features.Sequence(tfds.features.Text(), length=organs.NUM_CLASSES),
-        "organ_abnormal": tfds.features.Tensor(shape=(organs.NUM_CLASSES,), dtype=np.int8),
-    }
-
-
-def organ_report_arrays(
-    report: str, organ_texts: Mapping[str, str], abnormal: Mapping[str, bool]
-) -> dict[str, Any]:
-    """{report, organ_text (104 str), organ_abnormal (104 int8, -1 = not mentioned)} from per-organ dicts.
-
-    Keys are v1 names; an organ with a flag but no text keeps its flag (its text stays '').
-    """
-    ids = organs.v1_ids()
-    texts = [""] * organs.NUM_CLASSES
-    flags = np.full(organs.NUM_CLASSES, -1, np.int8)
-    for name, text in organ_texts.items():
-        texts[ids[name] - 1] = str(text)
-    for name, is_abnormal in abnormal.items():
-        flags[ids[name] - 1] = int(bool(is_abnormal))
-    for name in organ_texts:
-        if flags[ids[name] - 1] < 0:
-            flags[ids[name] - 1] = 0
-    return {"report": report, "organ_text": texts, "organ_abnormal": flags}
-
-
-def parsed_report_arrays(report: str, parsed: Mapping[str, Any]) -> dict[str, Any]:
-    """Same as `organ_report_arrays` from `reports.parse_report` output ({name: OrganFinding})."""
-    return organ_report_arrays(
-        report, {k: v.text for k, v in parsed.items()}, {k: v.abnormal for k, v in parsed.items()}
-    )
-
-
-def as_label_map(label_map: np.ndarray, source: object) -> np.ndarray:
-    """uint8 label map; ids beyond the v1 vocabulary are an error naming `source`."""
-    label_map = np.asarray(label_map)
-    if label_map.size and (label_map.min() < 0 or label_map.max() > organs.NUM_CLASSES):
-        raise UnknownLabelError(
-            source,
-            f"label ids {int(label_map.min())}..{int(label_map.max())} outside 0..{organs.NUM_CLASSES}",
-        )
-    return label_map.astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,7 +112,7 @@ def build(
     to read `manual_dir` (the CT-RATE layout, TotalSegmentator v2 masks); it is set on the builder before
     `download_and_prepare`. It does not name the dataset: an existing build is reused as it is.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # seconds to import; reading records never needs it
 
     start = time.perf_counter()
     builder = make_builder(name, config, data_dir)
@@ -208,11 +139,6 @@ def build(
         reused=reused,
         seconds=time.perf_counter() - start,
     )
-
-
-def read_skipped(dataset_dir: str | os.PathLike) -> list[dict[str, str]]:
-    path = Path(dataset_dir) / SKIPPED_FILE
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 def data_source(
@@ -243,3 +169,54 @@ def data_source(
             f"splits: {', '.join(builder.info.splits)}",
         )
     return builder.as_data_source(split=split)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The voxel spacing a model was trained at (zero-shot inference resamples a scan onto it).
+
+
+def _builder_spacing(dataset: str, config_name: str | None, data_dir: str | None) -> tuple[Any, str]:
+    """(spacing or None, source) from the dataset's records when built, else from its builder config."""
+    try:
+        builder = make_builder(dataset, config_name or None, data_dir or None)
+    except (CTGlipInputError, ImportError):
+        return None, ""
+    name = f"{dataset}/{builder.builder_config.name}"
+    if builder.is_prepared():
+        for split in builder.info.splits:
+            source = builder.as_data_source(split=split)
+            if len(source):
+                return np.asarray(source[0]["spacing"], np.float64), f"records of {name} ({split}[0])"
+    cfg = builder.builder_config
+    if hasattr(cfg, "preprocess"):
+        return np.asarray(cfg.preprocess.spacing, np.float64), f"builder config {name} (preprocess.spacing)"
+    if hasattr(cfg, "preset"):
+        from ctglip_jax.data.synthetic import PhantomConfig  # phantom runs only
+
+        return np.asarray(PhantomConfig.preset(cfg.preset).spacing, np.float64), f"builder config {name}"
+    return None, ""
+
+
+def training_spacing(config, override: Sequence[float] | None = None) -> tuple[tuple[float, ...], str]:
+    """`(spacing mm, where it came from)` of the data the model was trained on, in this order: an explicit
+    `override`; `spacing` in the config's `data` section; the training dataset's records when it is built
+    here (field `spacing`); its builder config (the synthetic phantom preset, or `ctglip_nifti`'s
+    `preprocess.spacing`), which needs no data."""
+    if override is not None:
+        spacing, source = np.asarray(override, np.float64), "given explicitly"
+    elif config.data.get("spacing"):
+        spacing, source = np.asarray(config.data.spacing, np.float64), "workdir config (data.spacing)"
+    else:
+        spacing, source = _builder_spacing(
+            config.data.dataset, config.data.get("config"), config.data.get("data_dir")
+        )
+        if spacing is None:
+            raise ConfigError(
+                "spacing",
+                f"cannot tell the training spacing of dataset "
+                f"{config.data.dataset!r}: pass it explicitly (--spacing X Y Z)",
+            )
+    spacing = np.broadcast_to(spacing, (3,))
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise ConfigError("spacing", f"spacing must be three positive numbers (mm), got {spacing.tolist()}")
+    return tuple(float(s) for s in spacing), source

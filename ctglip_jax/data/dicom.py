@@ -22,7 +22,7 @@ _REQUIRED = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", 
 
 def _import_pydicom(folder):
     try:
-        import pydicom
+        import pydicom  # an optional extra
         from pydicom.errors import InvalidDicomError
     except ImportError:
         raise UnreadableFileError(

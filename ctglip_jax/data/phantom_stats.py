@@ -26,6 +26,8 @@ Used by tests/test_phantom_visibility.py and scripts/phantom_stats.py (the table
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from scipy import ndimage
 
@@ -141,8 +143,6 @@ def _parenchyma(organ: np.ndarray, lesion_map: np.ndarray, spacing) -> np.ndarra
 
 def without(config, name: str):
     """`config` with finding `name` switched off (its twin for `organ_wide_contrast`)."""
-    import dataclasses
-
     prev = config.finding_prevalence
     if prev is None or isinstance(prev, float | int):
         prev = {f.name: (f.prevalence if prev is None else float(prev)) for f in fcat.FINDINGS}

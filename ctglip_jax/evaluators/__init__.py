@@ -18,6 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax.losses import clamp_logit_scale
+from ctglip_jax.models.two_tower import TwoTower
+
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotModel:
@@ -40,9 +43,6 @@ class ZeroShotModel:
         cls, model: Any, text_features: Callable[[Sequence[str]], np.ndarray]
     ) -> ZeroShotModel:
         """Functions over `params` (the model's `params` collection) of a `TwoTower`."""
-        from ctglip_jax.losses import clamp_logit_scale
-        from ctglip_jax.models.two_tower import TwoTower
-
         def embed_organs(params, images, label_map, organ_ids, organ_valid):
             return model.apply(
                 {"params": params}, images, label_map, organ_ids, organ_valid, method=TwoTower.encode_organs

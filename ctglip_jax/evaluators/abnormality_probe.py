@@ -52,7 +52,7 @@ def abnormality_probe(
     Both need organ-level labels (`extras["finding_organ"]`, columns in `catalogue` order). A finding with
     fewer than `MIN_TRAIN_POSITIVES` training positives, or one class in the test split, is `skipped`.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # scikit-learn is slow to import
 
     for name, data in (("train", train), ("test", test)):
         if "finding_organ" not in data.extras:

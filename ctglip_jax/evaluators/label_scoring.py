@@ -56,6 +56,7 @@ import numpy as np
 from ctglip_jax.data import organs
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.labels import FindingSpec, LabelFileError, Labels
+from ctglip_jax.evaluators.zeroshot_abnormality import pair_probabilities
 
 ProbabilityFn = Callable[[str, int, np.ndarray], np.ndarray]
 NUM_ORGANS = organs.NUM_CLASSES
@@ -70,8 +71,6 @@ def pair_probability_fn(
     pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]], logit_scale: float
 ) -> ProbabilityFn:
     """P(present) = softmax over the (present, absent) pair, as `zeroshot_abnormality.pair_probabilities`."""
-    from ctglip_jax.evaluators.zeroshot_abnormality import pair_probabilities
-
     def probabilities(finding: str, organ_id: int, embeddings: np.ndarray) -> np.ndarray:
         present, absent = pair_embeddings[(finding, organ_id)]
         return pair_probabilities(embeddings, present, absent, logit_scale)

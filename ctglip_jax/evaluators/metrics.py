@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ctglip_jax.data import organs
+
 
 def _binary_inputs(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).reshape(-1)
@@ -149,8 +151,6 @@ def finding_summary(
     """Averages over evaluated findings (macro and positives-weighted AUC/F1) and the per-organ table
     (mean AUC/F1 over an organ's findings, their positives) from `organ_scores`: {organ: [(finding, auc,
     f1, positives)]}. Organs in v1 id order."""
-    from ctglip_jax.data import organs
-
     evaluated = list(per_finding.values())
     weights = [r["positives"] for r in evaluated]
     auc = macro_and_weighted([r["auc"] for r in evaluated], weights)

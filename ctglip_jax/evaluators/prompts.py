@@ -11,17 +11,20 @@ device. `TextEncoder` joins the two into one `texts -> (N, E)` callable with the
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
+from ctglip_jax.config_defaults import ORGAN_PROMPT
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
 
-ORGAN_TEMPLATES: tuple[str, ...] = ("A CT image of the {organ}.",)
+ORGAN_TEMPLATES: tuple[str, ...] = (ORGAN_PROMPT,)
 ORGAN_TEMPLATE_ENSEMBLE: tuple[str, ...] = (
-    "A CT image of the {organ}.",
+    ORGAN_PROMPT,
     "A computed tomography scan of the {organ}.",
     "The {organ}.",
     "An axial CT slice showing the {organ}.",
@@ -43,8 +46,6 @@ TextsToEmbeddings = Callable[[Sequence[str]], np.ndarray]
 
 
 def _check_template(template: str, allowed: set[str], source: str) -> None:
-    import string
-
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
     unknown = fields - allowed
     if unknown:
@@ -99,8 +100,8 @@ def finding_pair_texts(
         if template == DICTIONARY_TEMPLATE:
             if isinstance(finding, str):
                 raise ConfigError("abnormality templates", "the 'dictionary' pair needs a Finding, not text")
-            from ctglip_jax.data.findings import finding_phrasings
-            from ctglip_jax.data.phantom_dictionary import normal_phrasings
+            from ctglip_jax.data.findings import finding_phrasings  # phantom runs only
+            from ctglip_jax.data.phantom_dictionary import normal_phrasings  # phantom runs only
 
             present += finding_phrasings(finding, organ_name)
             absent += normal_phrasings(organ_name)
@@ -159,8 +160,6 @@ class TextEncoder:
         params: Any,
         batch_size: int = 256,
     ):
-        import jax
-
         self.features_fn = features_fn
         self.params = params
         self.batch_size = batch_size

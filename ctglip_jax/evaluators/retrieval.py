@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from ctglip_jax.data import organs
@@ -59,8 +60,6 @@ class RetrievalEvaluator:
         self.model, self.texts, self.template, self.ks = model, texts, template, tuple(ks)
 
     def collect(self, params: Any, batches: Iterable[Mapping[str, Any]]) -> tuple[np.ndarray, list[str]]:
-        import jax
-
         jitted = jax.jit(self.model.embed_organs)
         names = organs.v1_names()
         embeddings, texts, batch_size = [], [], None

@@ -154,6 +154,19 @@ def init_detection_head(feature_dim: int, seed: int = 0) -> dict[str, jax.Array]
     return {"w": 0.01 * jax.random.normal(jax.random.PRNGKey(seed), (feature_dim,)), "b": jnp.zeros(())}
 
 
+def lpft_head(features: np.ndarray, labels: np.ndarray, feature_dim: int, *, steps: int,
+              learning_rate: float, l2: float, seed: int = 0) -> dict[str, jax.Array] | None:
+    """LP-FT (Kumar et al., 2022): a full fine-tune's starting head as a linear probe on frozen features of
+    training crops, the standardisation folded into the weights, so the first steps do not distort
+    pretrained features to fit a random head. None without both classes among the crops (the caller falls
+    back to `init_detection_head`)."""
+    if not M.has_both_classes(labels):
+        return None
+    probe = fit_linear_probe(features, labels, steps=steps, learning_rate=learning_rate, l2=l2, seed=seed)
+    w = probe["w"] / probe["std"]
+    return {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(probe["b"] - w @ probe["mean"], jnp.float32)}
+
+
 def detection_logits(encoder_fn: EncoderFn, params: Mapping[str, Any], images: jax.Array) -> jax.Array:
     features = global_mean_pool(encoder_fn(params["encoder"], images))
     return features @ params["head"]["w"] + params["head"]["b"]
@@ -186,15 +199,17 @@ def finetune_detection(
     learning_rate: float = 1e-4,
     label_key: str = "has_tumor",
     seed: int = 0,
+    head: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fine-tunes encoder + head for `steps` batches (a sequence is cycled); returns (params, report).
 
-    The report has the per-step training losses and, with `test_batches`, the held-out AUC/F1.
+    `head`: the starting head (e.g. `lpft_head`), else a seeded `init_detection_head`. The report has the
+    per-step training losses and, with `test_batches`, the held-out AUC/F1.
     """
     tx = tx or optax.adamw(learning_rate, weight_decay=0.05)
-    params = {
+    params = {  # copies: the step donates its inputs
         "encoder": jax.tree.map(jnp.array, encoder_params),
-        "head": init_detection_head(feature_dim, seed),
+        "head": init_detection_head(feature_dim, seed) if head is None else jax.tree.map(jnp.array, head),
     }
     opt_state = tx.init(params)
     step = make_finetune_step(encoder_fn, tx)

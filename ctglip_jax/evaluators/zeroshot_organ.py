@@ -16,6 +16,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from ctglip_jax.data import organs
@@ -72,8 +73,6 @@ def collect_organ_embeddings(
     `embed_organs` is jitted here once; every batch is padded to the first batch's size so it compiles
     once. An organ is valid when the label map has `min_voxels` voxels of it *and* the model says valid.
     """
-    import jax
-
     jitted = jax.jit(embed_organs)
     batch_size = None
     embeddings, valids, extras = [], [], {k: [] for k in CARRIED_KEYS}

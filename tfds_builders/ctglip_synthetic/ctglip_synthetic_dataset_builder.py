@@ -20,7 +20,7 @@ import functools
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ctglip_jax.data import datasets
+from ctglip_jax.data import records
 from tfds_builders.case_examples import BuildsCases
 
 _SPLITS = ("train", "validation", "test")
@@ -90,14 +90,14 @@ class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "case_id": tfds.features.Text(),
-                    **datasets.volume_features(shape),
+                    **records.volume_features(shape),
                     "tumor_mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
                     # 1 + catalogue index of the localized finding drawn at each voxel (0: none).
                     "lesion_map": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
                     "finding_labels": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int8),
                     # v1 id of the organ holding each finding (0 = absent): organ-level AD labels.
                     "finding_organ": tfds.features.Tensor(shape=(len(FINDINGS),), dtype=np.int16),
-                    **datasets.report_features(),
+                    **records.report_features(),
                 }
             ),
             supervised_keys=None,
@@ -141,12 +141,12 @@ def phantom_example(index: int, config: SyntheticConfig) -> dict:
     return {
         "case_id": case_id,
         "volume": np.asarray(case.volume, np.int16),
-        "label_map": datasets.as_label_map(case.label_map, source=case_id),
+        "label_map": records.as_label_map(case.label_map, source=case_id),
         "spacing": np.asarray(case.spacing, np.float32),
         "affine": np.asarray(case.affine, np.float32),
         "tumor_mask": np.asarray(case.tumor_mask, np.uint8),
         "lesion_map": np.asarray(case.lesion_map, np.uint8),
         "finding_labels": labels,
         "finding_organ": finding_organ,
-        **datasets.organ_report_arrays(case.report, case.organ_texts, case.abnormal),
+        **records.organ_report_arrays(case.report, case.organ_texts, case.abnormal),
     }
