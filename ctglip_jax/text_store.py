@@ -30,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ctglip_jax import joint_text
 from ctglip_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,6 @@ def _params_digest(params) -> str:
 
 def tower_meta(config: ml_collections.ConfigDict) -> dict:
     """What the stored values depend on, for the config's text tower and `text.trainable_layers`."""
-    from ctglip_jax import joint_text
-
     bert, params, _ = joint_text.load_bert(config.text.model_dir or None)
     k = joint_text.trainable_layers(config)
     layers = bert.num_hidden_layers

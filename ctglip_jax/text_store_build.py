@@ -25,8 +25,12 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from ctglip_jax import text_store
+from ctglip_jax import joint_text, objective, text_store
+from ctglip_jax.data import datasets
+from ctglip_jax.data.reports import split_sentences
 from ctglip_jax.errors import ConfigError, CTGlipInputError
+from ctglip_jax.models.text import TextEmbedder
+from ctglip_jax.text_features import dictionary_entries, organ_prompts
 
 TEXT_FEATURES = ("report", "organ_text")
 CHUNK = 2048
@@ -37,8 +41,6 @@ def _progress(message: str) -> None:
 
 
 def dataset_dir(config: ml_collections.ConfigDict) -> str:
-    from ctglip_jax.data import datasets
-
     builder = datasets.make_builder(
         config.data.dataset, config.data.get("config") or None, config.data.get("data_dir") or None
     )
@@ -55,10 +57,8 @@ def dataset_texts(
     config: ml_collections.ConfigDict, progress: Callable[[str], None] = _progress
 ) -> list[str]:
     """Distinct organ and report sentences of every split, in first-seen order."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy: only when reading records
 
-    from ctglip_jax.data import datasets
-    from ctglip_jax.data.reports import split_sentences
 
     name, cfg, data_dir = config.data.dataset, config.data.get("config") or None, config.data.get("data_dir")
     builder = datasets.make_builder(name, cfg, data_dir or None)
@@ -80,9 +80,6 @@ def dataset_texts(
 
 def config_texts(config: ml_collections.ConfigDict) -> list[str]:
     """The organ prompts, and the dictionary when it does not need a run to exist."""
-    from ctglip_jax import objective
-    from ctglip_jax.text_features import dictionary_entries, organ_prompts
-
     texts = organ_prompts(config.text.prompt)
     if config.loss.get("use_dictionary") and objective.dictionary_source(config) != "corpus":
         texts += list(dictionary_entries(objective.resolve_dictionary(config))["text"])
@@ -96,9 +93,6 @@ def _str(value) -> str:
 @functools.lru_cache(maxsize=2)
 def _frozen_part(config_json: str) -> Callable[[Sequence[str]], list[np.ndarray]]:
     """texts -> what the store keeps, computed by the classes the training loop uses (bitwise the same)."""
-    from ctglip_jax import joint_text
-    from ctglip_jax.models.text import TextEmbedder
-
     config = ml_collections.ConfigDict(json.loads(config_json))
     k = joint_text.trainable_layers(config)
     kw = dict(max_length=int(config.text.max_length), batch_size=int(config.text.batch_size))
@@ -166,7 +160,6 @@ def build(
     progress: Callable[[str], None] = _progress,
 ) -> dict:
     """Builds (or rebuilds) the store for `config`'s dataset and text tower; returns a summary."""
-    from ctglip_jax import joint_text
 
     joint_text.check_config(config)
     start = time.perf_counter()
@@ -206,7 +199,7 @@ def build(
 
 
 def _run_on_beam(chunks, config_json: str, parts_dir: str, runner, options) -> None:
-    import apache_beam as beam
+    import apache_beam as beam  # an optional extra
 
     with beam.Pipeline(runner=runner, options=options) as pipeline:
         _ = (
