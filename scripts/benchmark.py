@@ -14,6 +14,9 @@ Suites:
     reference  the reference CPU config (ViT width 384 x 6 blocks, 96^3 crop, patch 16, batch 8), fp32, and
                its bf16 / remat / grad-accumulation variants
     sweep      ViT and CNN over volume sizes and batch sizes (cost versus tokens / voxels), + a PNG plot
+    cnn        the U-Net steps compared with PyTorch (docs/PERFORMANCE.md): U-Net-tiny 64^3 batch 4 and
+               U-Net-S 128x128x64 batch 2, plus U-Net-tiny with XLA's native convolutions (the code before
+               the CPU convolution formulations of `models/conv_ops.py`)
     text       joint text training's cost: reference and runlocal ViT steps with 0 / 2 / 6 MiniLM layers
                training in the step (the text table built by the real pipeline code from phantom phrasings)
     pooling    organ mask pooling alone at the reference shapes
@@ -24,6 +27,7 @@ Suites:
     python scripts/benchmark.py --suite reference --out /tmp/bench_ref.json
     python scripts/benchmark.py --suite sweep --out /tmp/bench_sweep.json --plot /tmp/bench_sweep.png
     python scripts/benchmark.py --suite pipeline --out /tmp/bench_pipe.json
+    python scripts/benchmark.py --suite cnn --repeats 2 --out /tmp/bench_cnn.json
 """
 
 from __future__ import annotations
@@ -131,6 +135,17 @@ def sweep_cases() -> list[Case]:
     cases += [cnn_case(f"cnn_{c}^3_b{b}", crop=(c, c, c), batch=b, group="cnn_sweep")
               for c in (32, 48, 64) for b in (1, 4)]
     return cases
+
+
+def cnn_cases() -> list[Case]:
+    """The two U-Net shapes of `../shared/bench/torch_unet_step.py` (tiny: its default; S: its U-Net-S
+    line); 3 input channels (the config's HU windows) where the PyTorch harness has 1."""
+    return [
+        cnn_case("cnn_tiny_64^3_b4", crop=(64, 64, 64), batch=4, group="cnn"),
+        cnn_case("cnn_S_128x128x64_b2", crop=(128, 128, 64), batch=2, size="S", group="cnn"),
+        cnn_case("cnn_tiny_64^3_b4_xla_conv", crop=(64, 64, 64), batch=4, tower_kw={"conv": "xla"},
+                 group="cnn"),
+    ]
 
 
 def gpu_cases() -> list[Case]:
@@ -406,7 +421,8 @@ def plot(cases: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for group, marker in (("vit_sweep", "o"), ("cnn_sweep", "s"), ("reference", "^"), ("gpu", "D")):
+    groups = (("vit_sweep", "o"), ("cnn_sweep", "s"), ("reference", "^"), ("gpu", "D"), ("cnn", "v"))
+    for group, marker in groups:
         rows = [c for c in cases if c["group"] == group]
         if not rows:
             continue
@@ -441,7 +457,7 @@ def environment() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    suites = ("reference", "sweep", "text", "pipeline", "pooling", "gpu", "all")
+    suites = ("reference", "sweep", "cnn", "text", "pipeline", "pooling", "gpu", "all")
     parser.add_argument("--suite", choices=suites, default="reference")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (median reported)")
     parser.add_argument("--rounds", type=int, default=1, help="peak+cases interleaved this many times")
@@ -458,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         cases += reference_cases()
     if args.suite in ("sweep", "all"):
         cases += sweep_cases()
+    if args.suite in ("cnn", "all"):
+        cases += cnn_cases()
     if args.suite in ("text", "all"):
         cases += text_cases()
     if args.suite == "gpu":

@@ -139,3 +139,15 @@ def test_vit_attention_implementations_agree_and_unknown_is_an_error():
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
     with pytest.raises(ConfigError, match="unknown attention"):
         model.clone(attention="flash").apply(params, images)
+
+
+def test_cpu_convs_compile_to_2d_without_input_dilation():
+    """The HLO evidence of `bench_conv.py --hlo`: on CPU the U-Net's train step has no 3-D and no
+    lhs-dilated convolution left; XLA's path has both. And the `cnn` suite measures both choices."""
+    census = load_script("bench_conv").hlo_census((16, 16, 16), 1)
+    assert census["xla"].get("conv3d_lhs_dilated", 0) > 0
+    assert not [k for k in census["cpu"] if k.startswith("conv3d") or k.endswith("lhs_dilated")]
+    assert census["cpu"].get("conv2d_plain", 0) > 0
+    cases = {c.name: c for c in load_script("benchmark").cnn_cases()}
+    assert cases["cnn_S_128x128x64_b2"].config().model.image_tower == "unet3d_S"
+    assert cases["cnn_tiny_64^3_b4_xla_conv"].config().model.image_tower_kw.conv == "xla"

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.models import conv_ops
 
 Dtype = Any
 Shape3 = tuple[int, int, int]
@@ -54,6 +55,26 @@ def _act(x: jax.Array) -> jax.Array:
     return nn.leaky_relu(x, negative_slope=0.01)
 
 
+class Conv(nn.Module):
+    """`nn.Conv` (SAME, no bias) with the same parameter (`kernel`, same init), computed by `conv_ops`."""
+
+    features: int
+    kernel_size: Shape3 = (3, 3, 3)
+    strides: Shape3 = (1, 1, 1)
+    transpose: bool = False  # nn.ConvTranspose (VALID, kernel = stride) instead
+    conv: str = "auto"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if self.transpose:
+            return conv_ops.conv_transpose3d(x, kernel, self.strides, self.conv)
+        return conv_ops.conv3d(x, kernel, self.strides, self.conv)
+
+
 class Norm(nn.Module):
     """Instance norm (default) or group norm; both batch-size independent."""
 
@@ -76,11 +97,11 @@ class ConvNormAct(nn.Module):
     strides: Shape3 = (1, 1, 1)
     norm: str = "instance"
     dtype: Dtype = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Conv(self.features, (3, 3, 3), strides=self.strides, padding="SAME", use_bias=False,
-                    dtype=self.dtype, name="conv")(x)
+        x = Conv(self.features, strides=self.strides, conv=self.conv, dtype=self.dtype, name="conv")(x)
         return _act(Norm(self.norm, self.dtype, name="norm")(x))
 
 
@@ -91,17 +112,17 @@ class ResidualBlock(nn.Module):
     strides: Shape3 = (1, 1, 1)
     norm: str = "instance"
     dtype: Dtype = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         skip = x
         if x.shape[-1] != self.features or any(s != 1 for s in self.strides):
-            skip = nn.Conv(self.features, (1, 1, 1), strides=self.strides, use_bias=False,
-                           dtype=self.dtype, name="skip_conv")(x)
+            skip = Conv(self.features, (1, 1, 1), self.strides, conv=self.conv, dtype=self.dtype,
+                        name="skip_conv")(x)
             skip = Norm(self.norm, self.dtype, name="skip_norm")(skip)
-        y = ConvNormAct(self.features, self.strides, self.norm, self.dtype, name="conv1")(x)
-        y = nn.Conv(self.features, (3, 3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
-                    name="conv2")(y)
+        y = ConvNormAct(self.features, self.strides, self.norm, self.dtype, self.conv, name="conv1")(x)
+        y = Conv(self.features, conv=self.conv, dtype=self.dtype, name="conv2")(y)
         y = Norm(self.norm, self.dtype, name="norm2")(y)
         return _act(y + skip)
 
@@ -113,14 +134,15 @@ class DecoderStage(nn.Module):
     strides: Shape3
     norm: str = "instance"
     dtype: Dtype = jnp.float32
+    conv: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
-        x = nn.ConvTranspose(self.features, self.strides, strides=self.strides, padding="VALID",
-                             use_bias=False, dtype=self.dtype, name="up")(x)
+        x = Conv(self.features, self.strides, self.strides, transpose=True, conv=self.conv, dtype=self.dtype,
+                 name="up")(x)
         x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-        x = ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, name="conv1")(x)
-        return ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, name="conv2")(x)
+        x = ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, conv=self.conv, name="conv1")(x)
+        return ConvNormAct(self.features, norm=self.norm, dtype=self.dtype, conv=self.conv, name="conv2")(x)
 
 
 class UNet3D(nn.Module):
@@ -138,6 +160,7 @@ class UNet3D(nn.Module):
     feature_level: int = 0
     remat: bool = False
     dtype: Dtype = jnp.float32
+    conv: str = "auto"  # conv_ops.CONV_CHOICES: "auto" = the CPU formulations on CPU, XLA's elsewhere
 
     @property
     def feature_dim(self) -> int:
@@ -154,15 +177,16 @@ class UNet3D(nn.Module):
         stages = []
         for i, (features, num_blocks) in enumerate(zip(self.channels, self.blocks, strict=True)):
             stage = [block_cls(features, tuple(self.strides[i]) if j == 0 else (1, 1, 1), self.norm,
-                               self.dtype, name=f"enc{i}_block{j}") for j in range(num_blocks)]
+                               self.dtype, self.conv, name=f"enc{i}_block{j}") for j in range(num_blocks)]
             stages.append(stage)
         self.encoder_stages = stages
         # nnU-Net ResEnc's stem: a conv from the image channels to channels[0], so no residual block projects
         # a 1-channel image. (A 1x1 projection of one channel followed by a norm is scale-invariant: its
         # weights get an identically zero gradient and Adam would only move them by rounding noise.)
-        self.stem = ConvNormAct(self.channels[0], norm=self.norm, dtype=self.dtype, name="stem")
+        self.stem = ConvNormAct(self.channels[0], norm=self.norm, dtype=self.dtype, conv=self.conv,
+                                name="stem")
         self.decoder_stages = [DecoderStage(self.channels[i], tuple(self.strides[i + 1]), self.norm,
-                                            self.dtype, name=f"dec{i}") for i in range(n - 1)]
+                                            self.dtype, self.conv, name=f"dec{i}") for i in range(n - 1)]
 
     def _check_input(self, images: jax.Array) -> jax.Array:
         if images.ndim == 4:
