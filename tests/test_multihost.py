@@ -173,11 +173,9 @@ def test_two_processes_match_one_process_two_devices(
     multi_params = [np.load(tmp_path / f"out{i}.npz") for i in range(2)]
     assert multi[0]["losses"] == multi[1]["losses"] and len(multi[0]["losses"]) == STEPS
 
-    from ctglip_jax.data import pipeline
-
     config = config_lib.load_config("configs/ctglip_vit.py:runlocal", overrides)
     assert config.text.trainable_layers == 2  # the top two of the tiny BERT's three layers train
-    monkeypatch.setattr(pipeline, "InputPipeline", ShardPairPipeline)
+    monkeypatch.setattr(train, "InputPipeline", ShardPairPipeline)  # the training and validation input
     monkeypatch.setattr(ShardPairPipeline, "config", config)
     ref = train.train(config, str(tmp_path / "single"), devices=jax.devices()[:2])
     ref_losses = [h["loss"] for h in ref.history if "loss" in h]
