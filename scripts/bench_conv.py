@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import re
+import sys
 import time
 
 LAYERS = [  # name, input size divisor, c_in, c_out, kernel, stride, transposed (U-Net-tiny, 64^3 -> 16^3)
@@ -94,7 +95,7 @@ def layer_times(size: int, batch: int, impl: str) -> list[dict]:
         dw = jax.jit(lambda a, b, g, f=f: jax.vjp(f, a, b)[1](g)[1])
         rows.append({"layer": name, "input": [batch, n, n, n, c_in], "fwd_ms": best_ms(jax.jit(f), x, w),
                      "dx_ms": best_ms(dx, x, w, dy), "dw_ms": best_ms(dw, x, w, dy)})
-        print(f"# {impl} {rows[-1]}", flush=True)
+        print(f"# {impl} {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 

@@ -2,14 +2,16 @@
 
 Why: XLA:CPU runs an input-dilated convolution (the input gradient of a strided convolution, and a
 transposed convolution) one to two orders of magnitude slower than the plain convolution of the same
-size; in the U-Net-tiny train step (64^3, batch 4) those few ops took over half the time. On CPU:
+size (in U-Net-tiny at 64^3, batch 4, those few ops took ~40 % of the convolution time), and runs 3-D
+convolutions 4-6x slower than 2-D ones of the same FLOPs. On CPU:
 
-- a strided convolution keeps XLA's forward and weight gradient but gets a custom VJP whose input
-  gradient is a stride-1 convolution of the output gradient with a re-indexed kernel, followed by a
-  depth-to-space (the polyphase form of the transposed convolution: no dilation, no wasted zeros);
+- every 3x3x3 convolution is one 2-D convolution over (batch x plane) slabs (`_planes_conv`);
+- a strided convolution gets a custom VJP whose input gradient is a stride-1 convolution of the output
+  gradient with a re-indexed kernel, followed by a depth-to-space (the polyphase form of the transposed
+  convolution: no input dilation);
 - the decoder's transposed convolution (kernel = stride) is one matmul per voxel followed by a
   depth-to-space (sub-pixel convolution); its gradients are matmuls too;
-- a convolution of a 1-channel image (the stem) is an im2col of 27 shifted copies and one matmul.
+- a 1x1 (strided) projection is a strided slice and one matmul.
 
 `impl="xla"` is `lax.conv_general_dilated` / `lax.conv_transpose` exactly as `flax.linen.Conv` /
 `ConvTranspose` call them; `"auto"` picks "cpu" on the CPU backend and "xla" on GPU/TPU, where XLA's
@@ -88,8 +90,8 @@ def _planes_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], pads: Seque
 
     The kx taps along the first spatial axis become input channels: each output plane sees the
     concatenation of the kx input planes under its window (cheap: whole contiguous planes). XLA:CPU runs
-    2-D convolutions 4-6x faster than 3-D ones of the same FLOPs at these channel counts (its 3-D path
-    is a generic loop nest), and their gradients are 2-D convolutions too.
+    2-D convolutions 4-6x faster than 3-D ones of the same FLOPs at these channel counts (measured,
+    docs/PERFORMANCE.md section 9), and their gradients are 2-D convolutions too.
     """
     b, n0 = x.shape[:2]
     k0, s0 = w.shape[0], strides[0]
