@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctglip_jax import corpus_dictionary, joint_text, losses, progress
+from ctglip_jax import corpus_dictionary, joint_text, losses, progress, text_table
 from ctglip_jax.data.augment import windows_of
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.grounding import global_mean_pool
@@ -200,7 +200,7 @@ def init_params(model: TwoTower, rng: jax.Array, inputs: dict[str, Any]) -> Any:
 
 def _packed_text(module: TwoTower, inputs, segments, positions) -> jax.Array:
     """Packed rows `(..., L[, H])` through the trainable text layers -> one pooled vector per segment slot
-    `(rows x segments, H)`, the table the index arrays of joint_text.py point into."""
+    `(rows x segments, H)`, the table the index arrays of text_table.py point into."""
     length = segments.shape[-1]
     rows = int(np.prod(segments.shape[:-1]))
     pooled = module.text_tower(
@@ -208,7 +208,7 @@ def _packed_text(module: TwoTower, inputs, segments, positions) -> jax.Array:
         None,
         segment_ids=segments.reshape(rows, length),
         position_ids=positions.reshape(rows, length),
-        num_segments=joint_text.segments_per_row(length),
+        num_segments=text_table.segments_per_row(length),
     )
     return pooled.reshape(-1, pooled.shape[-1])
 
@@ -385,7 +385,7 @@ def make_objective(model: TwoTower, config: ml_collections.ConfigDict):
         out = model.apply({"params": params}, batch, consts, method=forward)
         terms, weights = loss_terms(out, batch, consts, config, queue)
         loss, metrics = losses.total_loss(terms, weights)
-        if "text_dropped" in out:  # texts that did not fit the step's text table (joint_text.TextTable)
+        if "text_dropped" in out:  # texts that did not fit the step's text table (text_table.TextTable)
             metrics["text_dropped"] = out["text_dropped"].astype(jnp.float32)
         return loss, (metrics, queue_entries(out, batch) if queue is not None else {})
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from ctglip_jax.config_defaults import ORGAN_PROMPT as DEFAULT_PROMPT
 from ctglip_jax.data import organs
+from ctglip_jax.data.reports import parse_report, split_sentences
 
 
 def text_key(text: str) -> int:
@@ -41,8 +42,6 @@ def dictionary_entries(
     text, whether it is a normal phrasing is decided by the project's own report parser, the same rule that
     labels the training texts, so dictionary entries and batch texts agree on what 'normal' means.
     """
-    from ctglip_jax.data.reports import parse_report
-
     texts, ids, normal = [], [], []
     for name, entries in dictionary.items():
         for entry in entries:
@@ -125,7 +124,5 @@ class TextBank:
         A full report runs to several hundred tokens, past a BERT's window; averaging per-sentence features
         keeps every sentence (none truncated away) and reuses the per-sentence cache.
         """
-        from ctglip_jax.data.reports import split_sentences
-
         sentences = split_sentences(report) or [report]
         return self.embedder.embed(sentences).mean(axis=0)

@@ -86,7 +86,7 @@ def _host_batch_to_device(batch: dict, bank, sharding_: jax.sharding.Sharding, w
 @dataclasses.dataclass
 class TextSide:
     """How text reaches the step. Frozen tower (`trainable_layers` 0): pooled features computed on the host
-    per batch (`TextBank`). Joint training: the input pipeline adds a text table (joint_text.py) and the
+    per batch (`TextBank`). Joint training: the input pipeline adds a text table (text_table.py) and the
     step runs the trainable top layers; the host computes only the frozen bottom, cached."""
 
     consts: dict[str, np.ndarray]  # step constants (placed replicated once)

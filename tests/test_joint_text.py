@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from ctglip_jax import config_lib, joint_text, objective, pretrained, train
+from ctglip_jax import config_lib, joint_text, objective, pretrained, text_table, train
 from ctglip_jax.cli import main as cli_main
 from ctglip_jax.errors import ConfigError, CTGlipInputError
 from ctglip_jax.models.bert import pool_segments
@@ -35,7 +35,7 @@ def packed_forward(bert_dir, k: int, texts, pooling="mean", length=32, rows=3):
     """Texts -> cached bottom -> packed rows -> the top k layers, as the train step runs them."""
     bert, full, _ = load_hf_bert(bert_dir)
     lower = joint_text.LowerStates(str(bert_dir), k, max_length=length)
-    packed = joint_text.PackedTexts(rows, length, None if lower.takes_ids else lower.dim)
+    packed = text_table.PackedTexts(rows, length, None if lower.takes_ids else lower.dim)
     index = [packed.add(v) for v in lower(texts)]
     assert min(index) >= 0
     tower = TextTower(bert, pooling=pooling, start_layer=bert.num_hidden_layers - k)
@@ -77,7 +77,7 @@ def test_pool_segments_matches_numpy():
 
 
 def test_packing_first_fit_positions_and_overflow():
-    packed = joint_text.PackedTexts(rows=2, length=8, dim=None)
+    packed = text_table.PackedTexts(rows=2, length=8, dim=None)
     assert packed.num_segments == 2
     assert packed.add(np.arange(5)) == 0  # row 0, segment 1
     assert packed.add(np.arange(4)) == 2  # does not fit row 0 (3 left): row 1, segment 1
@@ -127,7 +127,7 @@ def table_batch():
 
 def make_table(bert_dir, rows_per_example=4, offset=0, dictionary=None, **kw):
     lower = joint_text.LowerStates(str(bert_dir), 2, max_length=32)
-    layout = joint_text.TableLayout(
+    layout = text_table.TableLayout(
         batch=2,
         rows_per_example=rows_per_example,
         length=32,
@@ -135,7 +135,7 @@ def make_table(bert_dir, rows_per_example=4, offset=0, dictionary=None, **kw):
         report_sentences=4,
         example_offset=offset,
     )
-    return joint_text.TextTable(lower, layout, slots=True, reports=True, dictionary=dictionary, **kw), lower
+    return text_table.TextTable(lower, layout, slots=True, reports=True, dictionary=dictionary, **kw), lower
 
 
 def test_text_table_indexes_every_text_once_and_offsets_globally(tiny_bert_dir):
@@ -156,7 +156,7 @@ def test_text_table_indexes_every_text_once_and_offsets_globally(tiny_bert_dir):
     assert out["report_index"][0, 0] == index[0, 1]
     np.testing.assert_array_equal(out["slot_abnormal"], batch["slot_abnormal"])  # nothing dropped
     shifted = make_table(tiny_bert_dir, dictionary=entries, offset=6)[0](batch)
-    segments = joint_text.segments_per_row(32)
+    segments = text_table.segments_per_row(32)
     np.testing.assert_array_equal(
         shifted["slot_text_index"][out["slot_text_index"] > 0],
         out["slot_text_index"][out["slot_text_index"] > 0] + 6 * 4 * segments,
@@ -178,7 +178,7 @@ def test_text_table_gathers_the_right_vectors(tiny_bert_dir):
         None,
         segment_ids=out["text_segments"].reshape(-1, 32),
         position_ids=out["text_positions"].reshape(-1, 32),
-        num_segments=joint_text.segments_per_row(32),
+        num_segments=text_table.segments_per_row(32),
     )
     pooled = np.asarray(pooled).reshape(-1, bert.hidden_size)
     whole = TextEmbedder(tiny_bert_dir, max_length=32)
@@ -205,13 +205,13 @@ def test_a_full_table_drops_normal_texts_first_and_says_so(tiny_bert_dir):
 
 def test_dictionary_sampler_puts_present_organs_first_and_is_seeded():
     organs = np.array([1, 2, 3, 5, 5, 7, 9, 5], np.int32)
-    sampler = joint_text.DictionarySampler(organs, size=4)
+    sampler = text_table.DictionarySampler(organs, size=4)
     batch = {"slot_organ": np.array([[5, 9, 0]]), "slot_valid": np.array([[True, True, False]])}
     a = sampler(batch, np.random.default_rng(3))["dict_sample"]
     b = sampler(batch, np.random.default_rng(3))["dict_sample"]
     np.testing.assert_array_equal(a, b)
     assert set(organs[a]) == {5, 9}  # the four entries about organs 5 and 9, nothing else
-    small = joint_text.DictionarySampler(organs[:2], size=4)(batch, np.random.default_rng(0))["dict_sample"]
+    small = text_table.DictionarySampler(organs[:2], size=4)(batch, np.random.default_rng(0))["dict_sample"]
     assert sorted(small[:2]) == [0, 1] and list(small[2:]) == [-1, -1]
 
 
@@ -311,7 +311,7 @@ def test_evaluation_uses_the_trained_tower(trained, tiny_bert_dir):
     np.testing.assert_allclose(split, untrained, rtol=1e-5, atol=2e-6)  # packed_forward is the pretrained top
     # the trained top, through the training model's own text path
     lower = joint_text.LowerStates(str(tiny_bert_dir), 2, max_length=32)
-    packed = joint_text.PackedTexts(3, 32, lower.dim)
+    packed = text_table.PackedTexts(3, 32, lower.dim)
     index = [packed.add(v) for v in lower(TEXTS)]
     train_model = objective.make_model(config)
     pooled = train_model.apply(

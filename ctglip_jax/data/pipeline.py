@@ -30,9 +30,13 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import absl.flags
+import grain
+import jax
 import numpy as np
 
-from ctglip_jax.data import slots
+from ctglip_jax import config_defaults
+from ctglip_jax.data import datasets, slots
 from ctglip_jax.data.augment import DEFAULT_WINDOW, AugmentConfig, augment
 from ctglip_jax.errors import ConfigError
 
@@ -54,10 +58,10 @@ class PipelineConfig:
     batch_size: int = 4
     crop_shape: tuple[int, int, int] = (32, 32, 32)
     num_slots: int = 16
-    min_organ_voxels: int = 8
+    min_organ_voxels: int = config_defaults.value(None, "data.min_organ_voxels")
     flip_axes: tuple[int, ...] = ()  # never 0 (left-right) for organ-level training: see augment.py
-    hu_scale_jitter: float = 0.05
-    hu_shift_jitter: float = 20.0
+    hu_scale_jitter: float = config_defaults.value(None, "data.hu_scale_jitter")
+    hu_shift_jitter: float = config_defaults.value(None, "data.hu_shift_jitter")
     window: tuple[float, float] = DEFAULT_WINDOW
     windows: tuple[tuple[float, float], ...] = ()  # several HU windows as image channels; () = `window`
     crop_aware_labels: bool = True  # drop abnormal flags whose lesion is outside the crop (slots.py)
@@ -200,15 +204,11 @@ def make_dataset(
 
     `source`: any random-access sequence of records (default: the TFDS data source named by `cfg`).
     `shard_options`: a grain ShardOptions (default `ShardByJaxProcess(drop_remainder=True)`).
-    `text_stages`: `(sampler, table)` of joint text training (joint_text.py): the sampler is a seeded
+    `text_stages`: `(sampler, table)` of joint text training (text_table.py): the sampler is a seeded
     per-batch `random_map` (it may run in worker processes), the table a `map` in this process (it runs the
     frozen text layers, which must not run in forked workers). Either may be None.
     """
-    import grain
-
     if source is None:
-        from ctglip_jax.data import datasets
-
         source = datasets.data_source(
             cfg.dataset, cfg.config, cfg.split, cfg.data_dir, build_if_missing=cfg.build_if_missing
         )
@@ -249,8 +249,6 @@ def make_dataset(
 def _absl_flags_parsed() -> None:
     """Grain's worker processes read absl flags and fail on unparsed ones; our CLI parses its own arguments
     (argparse + ml_collections), so absl's are marked parsed (their defaults) unless an absl app did it."""
-    import absl.flags
-
     if not absl.flags.FLAGS.is_parsed():
         absl.flags.FLAGS.mark_as_parsed()
 
@@ -265,8 +263,6 @@ def check_batch_divides(batch_size: int, mesh) -> None:
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
     """Numeric arrays -> global jax.Arrays (this process holds its rows); strings stay host numpy."""
-    import jax
-
     out = {}
     for key, value in batch.items():
         if value.dtype == object:
