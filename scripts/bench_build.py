@@ -27,8 +27,26 @@ from tfds_builders.beam_options import pipeline_setup
 GRID = "grid_3x3x3_128x112x160_m10"  # 3 mm: every case is resampled (phantoms have their own spacing)
 
 
+def scanner_grid(volume, labels, affine, shape):
+    """The phantom resampled to a scanner-sized grid (e.g. 512 x 512 x 300), same extent: what a real CT
+    costs to read and resample (linear for HU, nearest for labels)."""
+    from scipy import ndimage
+
+    factors = [t / s for t, s in zip(shape, volume.shape, strict=True)]
+    volume = ndimage.zoom(volume.astype(np.float32), factors, order=1).round().astype(np.int16)
+    labels = ndimage.zoom(labels, factors, order=0)
+    affine = affine.copy()
+    affine[:3, :3] = affine[:3, :3] / np.asarray(factors)[None, :]
+    return volume, labels, affine
+
+
 def write_folder(
-    root: Path, n: int, preset: str, report_fn=lambda report, case: report, distinct: int | None = None
+    root: Path,
+    n: int,
+    preset: str,
+    report_fn=lambda report, case: report,
+    distinct: int | None = None,
+    source_shape=None,
 ) -> None:
     """n cases; with `distinct` < n the cases cycle through that many phantoms (files written once, read
     once per case by the build, which is what is timed), so large phantoms stay quick to set up."""
@@ -39,9 +57,12 @@ def write_folder(
     phantoms = []
     for i in range(min(n, distinct or n)):
         case = generate_case(1000 + i, config)
+        volume, labels = np.asarray(case.volume, np.int16), np.asarray(case.label_map, np.uint8)
         affine = np.asarray(case.affine, np.float64)
-        nib.save(nib.Nifti1Image(np.asarray(case.volume, np.int16), affine), root / f"ct/p{i:04d}.nii.gz")
-        nib.save(nib.Nifti1Image(np.asarray(case.label_map, np.uint8), affine), root / f"seg/p{i:04d}.nii.gz")
+        if source_shape:
+            volume, labels, affine = scanner_grid(volume, labels, affine, source_shape)
+        nib.save(nib.Nifti1Image(volume, affine), root / f"ct/p{i:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(labels, affine), root / f"seg/p{i:04d}.nii.gz")
         phantoms.append(case.report)
     for i in range(n):
         p = i % len(phantoms)
@@ -87,12 +108,19 @@ def main() -> None:
     parser.add_argument("--preset", default="medium", help="phantom preset of the written cases")
     parser.add_argument("--grid", default=GRID, help="ctglip_nifti config the folder is built on")
     parser.add_argument("--distinct", type=int, default=16, help="distinct phantoms the cases cycle through")
+    parser.add_argument(
+        "--source-shape",
+        default=None,
+        metavar="X,Y,Z",
+        help="write the phantoms resampled to this scanner-like grid (e.g. 512,512,300)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="alternating (one process, Beam) pairs")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench_build_"))
     try:
         start = time.perf_counter()
-        write_folder(root / "cases", args.cases, args.preset, distinct=args.distinct)
+        shape = tuple(int(v) for v in args.source_shape.split(",")) if args.source_shape else None
+        write_folder(root / "cases", args.cases, args.preset, distinct=args.distinct, source_shape=shape)
         written = time.perf_counter() - start
         options = f"--direct_num_workers={args.workers} --direct_running_mode=multi_processing"
         local, beam = [], []
@@ -107,6 +135,7 @@ def main() -> None:
                     "grid": args.grid,
                     "preset": args.preset,
                     "distinct_phantoms": min(args.distinct, args.cases),
+                    "source_shape": args.source_shape,
                     "write_folder_s": round(written, 1),
                     "one_process_s": [round(t, 1) for t in local],
                     "beam_s": [round(t, 1) for t in beam],
