@@ -31,7 +31,12 @@ CONFIG_OVERRIDES = True
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", required=True, help="the training config, e.g. configs/ctglip_vit.py")
-    parser.add_argument("--out", default=None, help="store folder (default: beside the dataset's records)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="store folder (default: beside the dataset's records, where train finds it; elsewhere, "
+        "train with --config.text.features=OUT)",
+    )
     parser.add_argument("--beam-runner", metavar="RUNNER", help="compute on Apache Beam (e.g. DirectRunner)")
     parser.add_argument("--beam-pipeline-options", metavar='"--k=v ..."', help="Beam pipeline options")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
