@@ -216,17 +216,18 @@ def open_for_training(config: ml_collections.ConfigDict) -> text_store.TextStore
     choice = str(config.text.get("features", "auto") or "auto")
     if choice == "off":
         return None
-    meta = text_store.tower_meta(config)
     if choice == "auto":
         try:
-            path = text_store.store_path(dataset_dir(config), meta)
-        except CTGlipInputError:
+            stores = Path(dataset_dir(config)) / text_store.STORE_DIR
+        except CTGlipInputError:  # not built yet: the run builds it, with no store
             return None
-        if not (path / "meta.json").is_file():
+        if not stores.is_dir():  # no store at all: skip hashing the tower's weights at every start
             return None
-        return text_store.TextStore(path, meta)
+        meta = text_store.tower_meta(config)
+        path = text_store.store_path(stores.parent, meta)
+        return text_store.TextStore(path, meta) if (path / "meta.json").is_file() else None
     if not Path(choice).is_dir():
         raise ConfigError(
             "config.text.features", f"no such folder {choice!r} (use auto, off or a store folder)"
         )
-    return text_store.TextStore(choice, meta)
+    return text_store.TextStore(choice, text_store.tower_meta(config))

@@ -66,17 +66,14 @@ class BuildsCases:
             config.beam_runner is not None or config.beam_options is not None
         )
         self._skipped, self._known_bad = [], {}
-        try:
-            try:
-                self._prepare_once(**kwargs)
-            except Exception as e:  # noqa: BLE001 - TFDS and Beam raise different types for an empty split
-                if not any(m in str(e) for m in _EMPTY_SPLIT) or not self._skipped:
-                    raise
-                self._known_bad = {s["case_id"]: s["reason"] for s in self._skipped}
-                self._skipped = []
-                self._prepare_once(**kwargs)
-        finally:
-            self._remove_skip_root()
+        try:  # each attempt removes its own skip folder (`_prepare_once`)
+            self._prepare_once(**kwargs)
+        except Exception as e:  # noqa: BLE001 - TFDS and Beam raise different types for an empty split
+            if not any(m in str(e) for m in _EMPTY_SPLIT) or not self._skipped:
+                raise
+            self._known_bad = {s["case_id"]: s["reason"] for s in self._skipped}
+            self._skipped = []
+            self._prepare_once(**kwargs)
         if not was_prepared:
             (epath.Path(self.data_dir) / records.SKIPPED_FILE).write_text(
                 json.dumps(self._skipped, indent=1)
