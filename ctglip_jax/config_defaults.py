@@ -128,6 +128,11 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             # term and the last N organ slots for the abnormality term; at batch 4 CLIP otherwise has three
             # negatives a step and sits at chance. 0 = off. Both methods get it: equal compute.
             queue_size=256 if runlocal else 4096,
+            # The queue's candidates from an EMA ("momentum") copy of both towers, MoCo / ALBEF style
+            # (objective.queue_momentum says why); 0 = a memory bank of the online embeddings. Off in
+            # runlocal: one more forward pass a step, and no effect measured at batch 4 in 400 steps
+            # (docs/RESULTS.md); a 4096-entry queue spans 128 steps of drift, where MoCo needs it.
+            queue_momentum=0.0 if runlocal else 0.995,
         )
     )
     if loss == "clip":

@@ -173,6 +173,7 @@ def abnormality_text_loss(
     dict_organ_ids: Array,
     logit_scale: Array,
     queue: Mapping[str, Array] | None = None,
+    keys: Mapping[str, Array] | None = None,
 ) -> tuple[Array, Metrics]:
     """Organ embedding <-> organ text InfoNCE over the global batch, with dictionary negatives, soft targets.
 
@@ -183,17 +184,22 @@ def abnormality_text_loss(
     Shapes: *_emb (., D); valid/normal (N,) bool; text_keys/organ_ids (N,) int; dict_* the same over M.
     `queue` (cross-step memory, `queue_entries`): {organ_emb, text_emb (Q, D), key, normal, organ, valid (Q,)}
     of earlier steps' slots, used as extra candidates in both directions under the same rule (constants:
-    no gradient flows into them).
+    no gradient flows into them). `keys` (MoCo / ALBEF): {organ_emb, text_emb, dict_emb} of this batch from
+    the momentum encoder; then every *candidate* (this batch's texts and organs, the dictionary, the queue)
+    is a momentum embedding and only the anchors carry gradients, so the current step's candidates come
+    from the same slowly moving encoder as the queued ones; None: the anchors are their own candidates.
     """
     valid, normal = valid.astype(bool), normal.astype(bool)
     dict_valid, dict_normal = dict_valid.astype(bool), dict_normal.astype(bool)
     organ_emb = _zero_invalid(organ_emb, valid)
     text_emb = _zero_invalid(text_emb, valid)
     dict_emb = _zero_invalid(dict_emb, dict_valid)
+    k = _keys(keys, {"organ_emb": (organ_emb, valid), "text_emb": (text_emb, valid),
+                     "dict_emb": (dict_emb, dict_valid)})
 
     # Candidates for image->text: batch texts, dictionary texts, then the queue's texts.
     q = _queue_parts(queue, organ_emb.shape[-1])
-    cand_emb = jnp.concatenate([text_emb, dict_emb, q["text_emb"]], axis=0)
+    cand_emb = jnp.concatenate([k["text_emb"], k["dict_emb"], q["text_emb"]], axis=0)
     cand_valid = jnp.concatenate([valid, dict_valid, q["valid"]])
     cand_keys = jnp.concatenate([text_keys, dict_keys, q["key"]])
     cand_normal = jnp.concatenate([normal, dict_normal, q["normal"]])
@@ -211,7 +217,7 @@ def abnormality_text_loss(
     image_cols = jnp.concatenate([jnp.arange(n), n + m + jnp.arange(q["valid"].shape[0])])
     batch_equiv = equiv[:, image_cols]
     batch_known = jnp.concatenate([valid, q["valid"]])[None, :] & ~unknown[:, image_cols]
-    image_emb = jnp.concatenate([organ_emb, q["organ_emb"]], axis=0)
+    image_emb = jnp.concatenate([k["organ_emb"], q["organ_emb"]], axis=0)
     t2i_logits = logit_scale * text_emb @ image_emb.T
     t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, batch_known)
 
@@ -231,18 +237,31 @@ def abnormality_text_loss(
     return loss, metrics
 
 
+def _keys(keys: Mapping[str, Array] | None, anchors: Mapping[str, tuple[Array, Array]]) -> dict[str, Array]:
+    """The candidates' embeddings: the momentum encoder's `keys` (constants, zeroed where the anchor's
+    slot is invalid), or the anchors themselves when there are none."""
+    if keys is None:
+        return {name: emb for name, (emb, _) in anchors.items()}
+    return {
+        name: _zero_invalid(jax.lax.stop_gradient(keys[name]), valid) for name, (_, valid) in anchors.items()
+    }
+
+
 def clip_loss(
     img_emb: Array,
     txt_emb: Array,
     logit_scale: Array,
     valid: Array | None = None,
     queue: Mapping[str, Array] | None = None,
+    keys: Mapping[str, Array] | None = None,
 ) -> tuple[Array, Metrics]:
     """Symmetric global image-report InfoNCE (the CLIP baseline); `valid` (B,) drops padded examples.
 
     `queue` (cross-step memory): {image_emb, text_emb (Q, D), valid (Q,)} of earlier steps' pairs, extra
     negatives in both directions (image->text against the queued reports, text->image against the queued
-    images), so a small batch still has something to contrast. `chance` is ln(the candidates per anchor).
+    images), so a small batch still has something to contrast. `keys` {image_emb, text_emb}: this batch
+    from the momentum encoder, the candidates in place of the anchors themselves (see
+    `abnormality_text_loss`). `chance` is ln(the candidates per anchor).
     """
     b = img_emb.shape[0]
     valid = jnp.ones((b,), bool) if valid is None else valid.astype(bool)
@@ -253,13 +272,14 @@ def clip_loss(
     q_valid = jnp.zeros((0,), bool) if queue is None else queue["valid"].astype(bool)
     q_img = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["image_emb"], q_valid)
     q_txt = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["text_emb"], q_valid)
+    k = _keys(keys, {"image_emb": (img_emb, valid), "text_emb": (txt_emb, valid)})
     cols = jnp.concatenate([valid, q_valid])
     eye = jnp.eye(b, b + q_valid.shape[0], dtype=bool)
-    i2t_logits = logit_scale * img_emb @ jnp.concatenate([txt_emb, q_txt]).T
-    if queue is None:
+    i2t_logits = logit_scale * img_emb @ jnp.concatenate([k["text_emb"], q_txt]).T
+    if queue is None and keys is None:
         t2i_logits = i2t_logits.T
     else:
-        t2i_logits = logit_scale * txt_emb @ jnp.concatenate([img_emb, q_img]).T
+        t2i_logits = logit_scale * txt_emb @ jnp.concatenate([k["image_emb"], q_img]).T
     i2t, used = soft_cross_entropy(i2t_logits, eye.astype(jnp.float32), valid, cols)
     t2i, _ = soft_cross_entropy(t2i_logits, eye.astype(jnp.float32), valid, cols)
     loss = 0.5 * (_masked_mean(i2t, used) + _masked_mean(t2i, used))

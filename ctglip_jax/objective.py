@@ -287,6 +287,27 @@ def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None
     return queue or None
 
 
+def queue_momentum(config: ml_collections.ConfigDict) -> float | None:
+    """The momentum encoder's EMA rate m when the queue is on and `config.loss.queue_momentum` > 0, else None.
+
+    Without it the queue is a memory bank: its entries come from older parameters than this step's
+    embeddings, and the cheapest way down the loss is to tell *new* from *old* (measured at batch 4: the
+    current images and reports all aligned, cosine 0.95, the queue pushed away, held-out loss at ln 4). With
+    it (MoCo, ALBEF) every candidate, this batch's and the queue's, comes from one slowly moving encoder.
+    Read with `get`: a config older than the field trained without one, and its checkpoints hold none.
+    """
+    m = float(config.loss.get("queue_momentum", 0.0) or 0.0)
+    if not 0.0 <= m < 1.0:
+        raise ConfigError("config.loss.queue_momentum", f"must be in [0, 1), got {m}")
+    size = int(config.loss.get("queue_size", 0) or 0)
+    return m if m > 0.0 and size > 0 and config.loss.kind != "sigmoid" else None
+
+
+def momentum_update(momentum_params, params, m: float):
+    """EMA of the online params: m * momentum + (1 - m) * params."""
+    return jax.tree.map(lambda k, p: m * k + (1.0 - m) * p.astype(k.dtype), momentum_params, params)
+
+
 def queue_entries(out: dict, batch: dict) -> dict:
     """This step's candidates for the queue (what `push_queue` stores), without gradients."""
     d = out["organ_emb"].shape[-1]
@@ -321,10 +342,12 @@ def push_queue(queue: dict | None, entries: dict) -> dict | None:
 
 
 def loss_terms(
-    out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict, queue: dict | None = None
+    out: dict, batch: dict, consts: dict, config: ml_collections.ConfigDict, queue: dict | None = None,
+    keys_out: dict | None = None,
 ) -> tuple[dict, dict[str, float]]:
     """({term: (loss, metrics)}, {term: weight}) for every term with a non-zero weight; `queue`: the
-    cross-step negatives (`init_queue`) for the terms that use one."""
+    cross-step negatives (`init_queue`) for the terms that use one; `keys_out`: this batch's `forward` through
+    the momentum encoder, the candidates of those terms (`queue_momentum`)."""
     queue = queue or {}
     weights = {t: float(config.loss.get(t, 0.0)) for t in LOSS_TERMS}
     sigmoid = config.loss.kind == "sigmoid"
@@ -347,6 +370,11 @@ def loss_terms(
             )
     if weights["abnormality"]:
         flags = batch["slot_abnormal"].reshape(-1)
+        organ_keys = None if keys_out is None else {
+            "organ_emb": keys_out["organ_emb"].reshape(-1, d),
+            "text_emb": keys_out["text_emb"].reshape(-1, d),
+            "dict_emb": keys_out["dict_emb"],
+        }
         args = (
             organ_emb,
             out["text_emb"].reshape(-1, d),
@@ -364,30 +392,39 @@ def loss_terms(
         terms["abnormality"] = (
             losses.abnormality_sigmoid_loss(*args, bias)
             if sigmoid
-            else losses.abnormality_text_loss(*args, queue=queue.get("organ"))
+            else losses.abnormality_text_loss(*args, queue=queue.get("organ"), keys=organ_keys)
         )
     if weights["global_clip"]:
         if sigmoid:
             terms["global_clip"] = losses.sigmoid_loss(out["image_emb"], out["report_emb"], scale, bias)
         else:
             terms["global_clip"] = losses.clip_loss(
-                out["image_emb"], out["report_emb"], scale, queue=queue.get("global")
+                out["image_emb"], out["report_emb"], scale, queue=queue.get("global"),
+                keys=None if keys_out is None else {
+                    "image_emb": keys_out["image_emb"], "text_emb": keys_out["report_emb"]},
             )
     return terms, {t: weights[t] for t in terms}
 
 
 def make_objective(model: TwoTower, config: ml_collections.ConfigDict):
-    """`objective(params, batch, consts, rng, queue) -> (loss, (metrics, entries))` for
-    `jax.value_and_grad(has_aux=True)`; `entries` are this step's embeddings for `push_queue`."""
+    """`objective(params, batch, consts, rng, queue, momentum_params) -> (loss, (metrics, entries))` for
+    `jax.value_and_grad(has_aux=True)`; `entries` are this step's embeddings for `push_queue` (the momentum
+    encoder's when there is one: what the queue holds is what the candidates are)."""
 
-    def objective(params, batch, consts, rng, queue=None):
+    def objective(params, batch, consts, rng, queue=None, momentum_params=None):
         del rng  # the towers have no dropout; kept in the signature for ones that will
         out = model.apply({"params": params}, batch, consts, method=forward)
-        terms, weights = loss_terms(out, batch, consts, config, queue)
+        keys_out = None
+        if momentum_params is not None:
+            keys_out = jax.lax.stop_gradient(
+                model.apply({"params": momentum_params}, batch, consts, method=forward)
+            )
+        terms, weights = loss_terms(out, batch, consts, config, queue, keys_out)
         loss, metrics = losses.total_loss(terms, weights)
         if "text_dropped" in out:  # texts that did not fit the step's text table (text_table.TextTable)
             metrics["text_dropped"] = out["text_dropped"].astype(jnp.float32)
-        return loss, (metrics, queue_entries(out, batch) if queue is not None else {})
+        entries = queue_entries(out if keys_out is None else keys_out, batch) if queue is not None else {}
+        return loss, (metrics, entries)
 
     return objective
 

@@ -63,13 +63,15 @@ class TrainState:
     opt_state: PyTree
     rng: jax.Array
     queue: PyTree = None  # cross-step negatives (objective.init_queue); None: no queue (old checkpoints too)
+    momentum_params: PyTree = None  # the queue's momentum encoder (objective.queue_momentum); None: none
 
     @classmethod
     def create(
-        cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array, queue: PyTree = None
+        cls, params: PyTree, tx: optax.GradientTransformation, rng: jax.Array, queue: PyTree = None,
+        momentum: bool = False,
     ) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-                   queue=queue)
+                   queue=queue, momentum_params=jax.tree.map(jnp.copy, params) if momentum else None)
 
 
 # ------------------------------------------------------------------------------------------------ paths

@@ -382,6 +382,7 @@ def make_step_functions(
     tx = optim.make_optimizer(objective.optimizer_config(config))
     loss_fn = objective.make_loss_fn(model, config)
     objective_with_queue = objective.make_objective(model, config)
+    momentum = objective.queue_momentum(config)
     nan_step = int(config.get("debug_nan_step", -1))
     if joint_text.trainable_layers(config) and init_text is None:
         bert, full, _ = joint_text.load_bert(config.text.model_dir or None)
@@ -393,10 +394,10 @@ def make_step_functions(
         if text_params is not None:
             params = {**params, "text_tower": {"bert": jax.tree.map(jnp.asarray, text_params)}}
         queue = objective.init_queue(config, int(config.model.embed_dim))
-        return optim.TrainState.create(params, tx, state_rng, queue)
+        return optim.TrainState.create(params, tx, state_rng, queue, momentum=momentum is not None)
 
-    def objective_fn(params, batch, consts, rng, step, queue):
-        loss, aux = objective_with_queue(params, batch, consts, rng, queue)
+    def objective_fn(params, batch, consts, rng, step, queue, momentum_params):
+        loss, aux = objective_with_queue(params, batch, consts, rng, queue, momentum_params)
         # Fault injection (tests): a NaN that reaches the gradients too, at 1-based step `debug_nan_step`.
         return loss * jnp.where(step + 1 == nan_step, jnp.nan, 1.0), aux
 
@@ -404,7 +405,7 @@ def make_step_functions(
         step_rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
         (loss, (metrics, entries)), grads = grad_fn(
-            state.params, batch, consts, step_rng, state.step, state.queue
+            state.params, batch, consts, step_rng, state.step, state.queue, state.momentum_params
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -415,7 +416,11 @@ def make_step_functions(
             "lr": optim.learning_rate(config.optim, state.step),
         }
         queue = objective.push_queue(state.queue, entries)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue), metrics
+        momentum_params = state.momentum_params
+        if momentum is not None:
+            momentum_params = objective.momentum_update(momentum_params, params, momentum)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue,
+                             momentum_params=momentum_params), metrics
 
     abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0), init_text)
     state_shardings = sharding.state_shardings(mesh, abstract, int(config.get("fsdp_min_size", 2**14)))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_losses import _equivalent, _log_softmax, _unit, _unknown, make_batch
 
-from ctglip_jax import config_lib, losses, objective
+from ctglip_jax import config_lib, losses, objective, optim
+from ctglip_jax.errors import ConfigError
 
 
 def make_queue(seed: int, q: int = 10, d: int = 8) -> dict[str, np.ndarray]:
@@ -26,21 +28,31 @@ def make_queue(seed: int, q: int = 10, d: int = 8) -> dict[str, np.ndarray]:
     }
 
 
-def abnormality_loss(b, scale, queue):
-    """`losses.abnormality_text_loss` on a `make_batch` batch with a queue."""
+def abnormality_loss(b, scale, queue, keys=None):
+    """`losses.abnormality_text_loss` on a `make_batch` batch with a queue (and momentum keys)."""
     return losses.abnormality_text_loss(
         b["organ_emb"], b["text_emb"], b["valid"], b["keys"], b["normal"], b["organs"], b["dict_emb"],
-        b["dict_valid"], b["dict_keys"], b["dict_normal"], b["dict_organs"], scale, queue=queue,
+        b["dict_valid"], b["dict_keys"], b["dict_normal"], b["dict_organs"], scale, queue=queue, keys=keys,
     )
 
 
-def ref_abnormality_queue(b, q, scale):
+def momentum_keys(b, seed):
+    """Momentum-encoder embeddings of the batch: different vectors, same shapes."""
+    rng = np.random.default_rng(seed + 200)
+    return {"organ_emb": _unit(rng, *b["organ_emb"].shape), "text_emb": _unit(rng, *b["text_emb"].shape),
+            "dict_emb": _unit(rng, *b["dict_emb"].shape)}
+
+
+def ref_abnormality_queue(b, q, scale, k=None):
+    """Anchors: the batch's own organ / text embeddings; candidates: the momentum keys `k` (or the anchors
+    themselves), the dictionary, the queue."""
     n = len(b["organ_emb"])
+    k = k or {"organ_emb": b["organ_emb"], "text_emb": b["text_emb"], "dict_emb": b["dict_emb"]}
     texts = [
-        (b["text_emb"][j], b["keys"][j], b["normal"][j], b["organs"][j]) for j in range(n) if b["valid"][j]
+        (k["text_emb"][j], b["keys"][j], b["normal"][j], b["organs"][j]) for j in range(n) if b["valid"][j]
     ]
     texts += [
-        (b["dict_emb"][j], b["dict_keys"][j], b["dict_normal"][j], b["dict_organs"][j])
+        (k["dict_emb"][j], b["dict_keys"][j], b["dict_normal"][j], b["dict_organs"][j])
         for j in range(len(b["dict_emb"]))
         if b["dict_valid"][j]
     ]
@@ -50,7 +62,7 @@ def ref_abnormality_queue(b, q, scale):
         if q["valid"][j]
     ]
     images = [
-        (b["organ_emb"][i], b["keys"][i], b["normal"][i], b["organs"][i]) for i in range(n) if b["valid"][i]
+        (k["organ_emb"][i], b["keys"][i], b["normal"][i], b["organs"][i]) for i in range(n) if b["valid"][i]
     ]
     images += [
         (q["organ_emb"][i], q["key"][i], q["normal"][i], q["organ"][i])
@@ -76,11 +88,12 @@ def ref_abnormality_queue(b, q, scale):
     return 0.5 * (direction(anchors_i, texts) + direction(anchors_t, images))
 
 
-def ref_clip_queue(img, txt, q, scale):
+def ref_clip_queue(img, txt, q, scale, k_img=None, k_txt=None):
     qi = [x for x, v in zip(q["image_emb"], q["valid"], strict=True) if v]
     qt = [x for x, v in zip(q["text_emb"], q["valid"], strict=True) if v]
-    all_txt = np.concatenate([txt, np.array(qt).reshape(-1, txt.shape[1])]).astype(np.float64)
-    all_img = np.concatenate([img, np.array(qi).reshape(-1, img.shape[1])]).astype(np.float64)
+    k_img, k_txt = (img if k_img is None else k_img), (txt if k_txt is None else k_txt)
+    all_txt = np.concatenate([k_txt, np.array(qt).reshape(-1, txt.shape[1])]).astype(np.float64)
+    all_img = np.concatenate([k_img, np.array(qi).reshape(-1, img.shape[1])]).astype(np.float64)
     i2t = [-_log_softmax(scale * all_txt @ img[i].astype(np.float64))[i] for i in range(len(img))]
     t2i = [-_log_softmax(scale * all_img @ txt[i].astype(np.float64))[i] for i in range(len(txt))]
     return 0.5 * (np.mean(i2t) + np.mean(t2i)), np.log(len(img) + len(qi))
@@ -109,6 +122,56 @@ def test_clip_with_queue_matches_numpy(seed):
         float(losses.clip_loss(img, txt, scale)[0]),
         rtol=1e-6,
     )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_momentum_keys_are_the_candidates(seed):
+    """With a momentum encoder the anchors stay online and every candidate is a key: numpy reference; keys
+    equal to the anchors give the plain queued loss; no gradient reaches the keys."""
+    b, q, scale = make_batch(seed), make_queue(seed), 7.0
+    queue = {k: v for k, v in q.items() if k != "image_emb"}
+    keys = momentum_keys(b, seed)
+    loss, _ = jax.jit(abnormality_loss)(b, jnp.float32(scale), queue, keys)
+    np.testing.assert_allclose(float(loss), ref_abnormality_queue(b, q, scale, keys), rtol=1e-5)
+    same = {"organ_emb": b["organ_emb"], "text_emb": b["text_emb"], "dict_emb": b["dict_emb"]}
+    np.testing.assert_allclose(float(abnormality_loss(b, jnp.float32(scale), queue, same)[0]),
+                               float(abnormality_loss(b, jnp.float32(scale), queue)[0]), rtol=1e-6)
+    grad = jax.grad(lambda k: abnormality_loss(b, jnp.float32(scale), queue, k)[0])(
+        jax.tree.map(jnp.asarray, keys))
+    assert not any(np.asarray(g).any() for g in jax.tree.leaves(grad))
+
+    rng = np.random.default_rng(seed)
+    img, txt, k_img, k_txt = (_unit(rng, 4, 8) for _ in range(4))
+    cq = {"image_emb": q["image_emb"], "text_emb": q["text_emb"], "valid": q["valid"]}
+    for memory in (cq, None):  # with and without a queue
+        got, _ = losses.clip_loss(img, txt, jnp.float32(9.0), queue=memory,
+                                  keys={"image_emb": k_img, "text_emb": k_txt})
+        ref_q = cq if memory is not None else {k: v[:0] for k, v in cq.items()}
+        want, _ = ref_clip_queue(img, txt, ref_q, 9.0, k_img, k_txt)
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_momentum_encoder_is_an_ema_in_the_train_state():
+    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py")) == 0.995  # reference: on
+    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal")) is None
+    on = ["--config.loss.queue_momentum=0.99"]
+    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal", on)) == 0.99
+    no_queue = [*on, "--config.loss.queue_size=0"]
+    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal", no_queue)) is None
+    old = config_lib.load_config("configs/clip_vit.py")
+    del old.loss["queue_momentum"]  # a workdir's config from before the field: a memory bank, as it trained
+    assert objective.queue_momentum(old) is None
+    with pytest.raises(ConfigError, match="queue_momentum"):
+        objective.queue_momentum(config_lib.load_config("configs/clip_vit.py",
+                                                        ["--config.loss.queue_momentum=1.0"]))
+    params = {"w": jnp.arange(3.0), "b": {"x": jnp.ones(())}}
+    online = {"w": jnp.full(3, 10.0), "b": {"x": jnp.zeros(())}}
+    ema = objective.momentum_update(params, online, 0.9)
+    np.testing.assert_allclose(ema["w"], 0.9 * np.arange(3.0) + 0.1 * 10.0, rtol=1e-6)
+    np.testing.assert_allclose(ema["b"]["x"], 0.9, rtol=1e-6)
+    state = optim.TrainState.create(params, optax.sgd(0.1), jax.random.PRNGKey(0), None, momentum=True)
+    np.testing.assert_array_equal(state.momentum_params["w"], params["w"])  # starts as the online copy
+    assert optim.TrainState.create(params, optax.sgd(0.1), jax.random.PRNGKey(0)).momentum_params is None
 
 
 def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():

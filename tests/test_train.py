@@ -48,8 +48,9 @@ def load(data_dir, bert_dir, spec="configs/ctglip_vit.py:runlocal", **extra):
 
 def test_loss_falls_within_30_steps(synthetic_data_dir, tmp_path):
     """The runlocal config as shipped (real MiniLM text tower): held-out loss clearly lower after 30 steps."""
-    config = config_lib.load_config(
-        "configs/ctglip_vit.py:runlocal", [f"--config.data.data_dir={synthetic_data_dir}"]
+    config = config_lib.load_config(  # with the queue's momentum encoder (off in runlocal by default)
+        "configs/ctglip_vit.py:runlocal",
+        [f"--config.data.data_dir={synthetic_data_dir}", "--config.loss.queue_momentum=0.99"],
     )
     assert config.total_steps == 30
     result = train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
@@ -59,6 +60,13 @@ def test_loss_falls_within_30_steps(synthetic_data_dir, tmp_path):
     assert val[30]["val/loss"] < 0.85 * val[0]["val/loss"], (val[0]["val/loss"], val[30]["val/loss"])
     assert val[30]["val/organ_text/loss"] < val[0]["val/organ_text/loss"]
     assert val[30]["val/abnormality/loss"] < val[0]["val/abnormality/loss"]
+    # The queue's momentum encoder (on by default) trails the online params: same tree, not the same values.
+    momentum, params = result.state.momentum_params, result.state.params
+    assert jax.tree.structure(momentum) == jax.tree.structure(params)
+    moved = [not np.array_equal(np.asarray(m), np.asarray(p)) for m, p in
+             zip(jax.tree.leaves(momentum), jax.tree.leaves(params), strict=True)]
+    assert sum(moved) > len(moved) // 2
+    assert all(np.isfinite(np.asarray(m)).all() for m in jax.tree.leaves(momentum))
 
 
 def train_losses(result):
@@ -128,7 +136,8 @@ def _cli_train(workdir, data_dir, bert_dir, env_extra=None, **extra):
 @pytest.mark.parametrize("text_layers", [0, 2, 3])  # frozen text tower; top 2 of 3 layers; all + embeddings
 def test_resume_after_sigkill_is_exact(synthetic_data_dir, tiny_bert_dir, tmp_path, text_layers):
     common = dict(total_steps=20, checkpoint_every=10, log_case_ids=True,
-                  **{"text.trainable_layers": text_layers})
+                  **{"text.trainable_layers": text_layers,  # the momentum encoder's EMA resumes too
+                     "loss.queue_momentum": 0.99 if text_layers == 2 else 0.0})
     straight = _cli_train(tmp_path / "straight", synthetic_data_dir, tiny_bert_dir, **common)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = _cli_train(
