@@ -39,6 +39,7 @@ import optax
 from ctglip_jax import checkpoint, objective
 from ctglip_jax import pretrained as pretrained_lib
 from ctglip_jax.errors import ConfigError, InputNotFoundError
+from ctglip_jax.evaluators import seg_postprocess
 from ctglip_jax.evaluators import segmentation as S
 from ctglip_jax.evaluators import tumor_detection as T
 from ctglip_jax.evaluators.metrics import json_ready
@@ -57,6 +58,7 @@ from ctglip_jax.models.vit3d import ViT3D
 from ctglip_jax.progress import Log, stderr
 
 MODES = ("probe", "full")
+POSTPROCESS = ("validation", "none")  # segmentation: chosen on the validation split, or the plain argmax
 DEFAULT_STEPS = {("detection", "probe"): 300, ("detection", "full"): 200, ("segmentation", "probe"): 200,
                  ("segmentation", "full"): 200}
 DEFAULT_LR = {("detection", "probe"): 0.05, ("detection", "full"): 1e-4, ("segmentation", "probe"): 1e-3,
@@ -307,6 +309,7 @@ def run_segmentation(
     decoder_features: int = 8,
     full_res: str = "pointwise",
     encoder_lr_mult: float = 1.0,
+    postprocess: str = "validation",
     log: Log = stderr,
 ) -> dict[str, Any]:
     """Tumour segmentation on the encoder (`full` = fine-tuned, `probe` = frozen); test Dice per class and
@@ -317,8 +320,13 @@ def run_segmentation(
     decoder); `foreground_fraction` the share of *every* training batch centred on a tumour voxel (rounded:
     `round(f * batch_size)` crops) and `tumour_case_fraction` the probability that another crop comes from
     a tumour-bearing case (None: the split's own rate), see `data/seg_batches.py`; `dice_weight` the soft
-    Dice's weight against cross-entropy (`evaluators/segmentation.segmentation_loss`).
+    Dice's weight against cross-entropy (`evaluators/segmentation.segmentation_loss`); `postprocess`
+    "validation" chooses a probability threshold and the smallest kept tumour component on the validation
+    split (`evaluators/seg_postprocess.py`; plain argmax when the data has no validation split), "none"
+    keeps the argmax. The test metrics without post-processing are reported beside.
     """
+    if postprocess not in POSTPROCESS:
+        raise ConfigError("--postprocess", f"unknown {postprocess!r}; use one of {', '.join(POSTPROCESS)}")
     start = time.perf_counter()
     if not 0.0 <= foreground_fraction <= 1.0:
         raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
@@ -357,12 +365,13 @@ def run_segmentation(
     finally:
         batches.close()
     train_seconds = time.perf_counter() - start
-    log(f"segmentation: sliding-window inference over the {s.records['test']} test volumes")
     evaluator = S.SegmentationEvaluator(
         lambda p, windows: jax.nn.softmax(net.apply(p, windows), axis=-1), 2, s.crop,
         overlap=overlap, batch_size=max(batch_size, 4), label_key="tumor_mask", class_names=["tumor"],
         type_names=tumour_types(s.data, s.keys),
     )
+    result["postprocess"] = _choose_postprocess(evaluator, params, s, pretrained, postprocess, log)
+    log(f"segmentation: sliding-window inference over the {s.records['test']} test volumes")
     result["metrics"] = evaluator.run(params, whole_volumes(s.data, pretrained, "test"))
     tumour = result["metrics"]["per_class"]["tumor"]
     result["metrics"]["dice"] = tumour["dice"]  # the headline number
@@ -371,6 +380,23 @@ def run_segmentation(
     result["seconds"] = {"train": train_seconds, "total": time.perf_counter() - start}
     _log_metrics(result, log)
     return json_ready(result)
+
+
+def _choose_postprocess(evaluator, params, s: _Setup, pretrained, how: str, log: Log) -> dict[str, Any]:
+    """Sets `evaluator.postprocess` from the validation split (or leaves the argmax) and says what it did."""
+    cases = int(s.records.get("validation", 0))
+    if how == "none" or not cases:
+        why = "--postprocess none" if how == "none" else "the data has no validation split"
+        return {"chosen_on": None, "note": f"argmax, no post-processing ({why})"}
+    log(f"segmentation: choosing the threshold and smallest tumour component on {cases} validation volumes")
+    volumes = whole_volumes(s.data, pretrained, "validation")
+    choice, table = seg_postprocess.choose(
+        (evaluator.foreground(params, case["image"][0]), case["tumor_mask"][0]) for case in volumes
+    )
+    evaluator.postprocess = choice
+    log(f"segmentation: threshold {choice.threshold:g}, components of >= {choice.min_voxels} voxels kept")
+    return {"chosen_on": f"validation ({cases} cases)", "threshold": choice.threshold,
+            "min_voxels": choice.min_voxels, "validation_dice": table}
 
 
 def _log_metrics(result: Mapping[str, Any], log: Log) -> None:

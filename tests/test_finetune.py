@@ -137,14 +137,20 @@ def test_segmentation_cli_sliding_window_over_whole_volumes(workdir, data_dir, t
     assert finite(r["train_curve"]["loss"]) and r["pretrained"]["step"] == 2
     assert r["settings"]["head"] == "UNETRHead"
     assert r["settings"]["foreground_fraction"] == 0.5 and r["settings"]["foreground_crops_per_batch"] == 1
+    # post-processing chosen on the validation split (8 tiny cases), the argmax's metrics beside
+    post = r["postprocess"]
+    assert post["chosen_on"] == "validation (8 cases)" and len(post["validation_dice"]) == 18
+    assert m["postprocess"] == {"threshold": post["threshold"], "min_voxels": post["min_voxels"]}
+    assert set(m["without_postprocess"]["tumor"]) == set(tumour)
 
 
 def test_segmentation_linear_probe_cli_and_bad_fraction(workdir, data_dir, tmp_path, capsys):
     common = ("--task", "segmentation", "--workdir", workdir, "--data", "ctglip_synthetic:tiny", "--data-dir",
               data_dir, "--steps", 2, "--batch-size", 2, "--crop", "16,16,32", "--overlap", 0)
-    probe = ("--mode", "probe", "--head", "linear", "--foreground-fraction", 1)
+    probe = ("--mode", "probe", "--head", "linear", "--foreground-fraction", 1, "--postprocess", "none")
     assert cli(*common, *probe, "--out", tmp_path) == 0
     r = json.loads((tmp_path / "finetune_segmentation.json").read_text())
+    assert r["postprocess"]["chosen_on"] is None and "postprocess" not in r["metrics"]
     assert r["settings"]["head"] == "LinearTokenHead" and r["settings"]["mode"] == "probe"
     assert r["settings"]["foreground_fraction"] == 1.0 and finite(r["train_curve"]["loss"])
     capsys.readouterr()

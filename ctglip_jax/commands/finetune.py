@@ -89,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "blocks")
     parser.add_argument("--encoder-lr-mult", type=float, default=1.0,
                         help="segmentation --mode full: encoder learning rate = this x --lr")
+    parser.add_argument("--postprocess", choices=("validation", "none"), default="validation",
+                        help="segmentation: choose a probability threshold and the smallest kept tumour "
+                             "component on the validation split, as nnU-Net does (default; argmax when "
+                             "there is no validation split), or keep the argmax; both are reported")
     parser.add_argument("--out", default=None, help="output folder (default <workdir>/finetune)")
 
 
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "tumour_case_fraction": args.tumour_case_fraction, "dice_weight": args.dice_weight,
             "foreground_prior": args.foreground_prior or None, "decoder_features": args.decoder_features,
             "full_res": args.full_res, "encoder_lr_mult": args.encoder_lr_mult,
+            "postprocess": args.postprocess,
         }
     result = run_task(
         pretrained, data=args.data, mode=mode, steps=args.steps, lr=args.lr,

@@ -27,6 +27,7 @@ import optax
 
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.evaluators import metrics as M
+from ctglip_jax.evaluators.seg_postprocess import PostProcess
 from ctglip_jax.evaluators.sliding_window import SlidingWindow
 from ctglip_jax.models.cnn3d import UNet3D
 from ctglip_jax.models.seg_heads import LinearTokenHead, UNetHead, UNETRHead, unetr_keep_layers
@@ -327,28 +328,44 @@ class SegmentationEvaluator:
         class_names: Sequence[str] | None = None,
         type_names: Mapping[int, str] | None = None,
         type_key: str = "lesion_map",
+        postprocess: PostProcess | None = None,
     ):
         self.slider = SlidingWindow(
             predict_fn, window, overlap=overlap, weighting=weighting, batch_size=batch_size
         )
         self.num_classes, self.label_key, self.class_names = num_classes, label_key, class_names
         self.type_names, self.type_key = dict(type_names or {}), type_key
+        if postprocess is not None and num_classes != 2:
+            raise ConfigError("segmentation", f"post-processing needs 2 classes, got {num_classes}")
+        self.postprocess = postprocess  # binary: threshold + smallest component (seg_postprocess.py)
+
+    def foreground(self, params: Any, volume: np.ndarray) -> np.ndarray:
+        """`(X, Y, Z)` probability of class 1 (a binary task's tumour), for `seg_postprocess.choose`."""
+        return np.asarray(self.slider(params, volume))[..., 1]
 
     def predict(self, params: Any, volume: np.ndarray) -> np.ndarray:
-        """`(X, Y, Z)` volume -> `(X, Y, Z)` int32 labels."""
-        return np.argmax(self.slider(params, volume), axis=-1).astype(np.int32)
+        """`(X, Y, Z)` volume -> `(X, Y, Z)` int32 labels (post-processed when the evaluator has one)."""
+        return self._labels(np.asarray(self.slider(params, volume)))[0]
+
+    def _labels(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, argmax labels) of `(X, Y, Z, C)` probabilities."""
+        raw = np.argmax(probs, axis=-1).astype(np.int32)
+        if self.postprocess is None:
+            return raw, raw
+        return self.postprocess(probs[..., 1]).astype(np.int32), raw
 
     def run(self, params: Any, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         """Per-case counts are kept, not the predicted volumes (a test split of whole CTs would not fit)."""
-        counts, typed = [], []
+        counts, raw_counts, typed = [], [], []
         for batch in batches:
             types = batch.get(self.type_key) if self.type_names else None
             for i, (image, target) in enumerate(
                 zip(np.asarray(batch["image"]), np.asarray(batch[self.label_key]), strict=True)
             ):
-                predicted = self.predict(params, image)
+                predicted, raw = self._labels(np.asarray(self.slider(params, image)))
                 target = target.astype(np.int32)
                 counts.append(case_counts(predicted, target, self.num_classes))
+                raw_counts.append(case_counts(raw, target, self.num_classes))
                 if types is not None:
                     lesions = np.asarray(types[i])
                     case = {"dice": _dice_of(counts[-1].sum(axis=0)).item(), "types": {}}
@@ -362,6 +379,10 @@ class SegmentationEvaluator:
         if not counts:
             raise ConfigError("segmentation evaluation", "the evaluation data is empty")
         report = report_from_counts(np.stack(counts), self.class_names)
+        if self.postprocess is not None:
+            report["postprocess"] = dataclasses.asdict(self.postprocess)
+            raw_report = report_from_counts(np.stack(raw_counts), self.class_names)
+            report["without_postprocess"] = raw_report["per_class"]
         if typed:
             report["per_type"] = per_type_report(typed, self.type_names)
         return report
