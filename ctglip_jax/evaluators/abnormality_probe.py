@@ -7,22 +7,23 @@ organs that can hold it, fitted on one split and scored (AUC) on another, with t
 as the zero-shot evaluator. A large gap between probe and zero-shot AUC points at the text alignment (or the
 prompts), not the image tower.
 
-`summarise_by_kind` splits any per-finding AUC table into focal lesions and the rest (diffuse change,
-enlargement, fluid, wall thickening): focal lesions in small synthetic volumes are a few dozen voxels,
-and the two groups behave differently enough that one macro average hides what the model learnt.
+`summarise_by_kind` (zeroshot_abnormality.py) splits any per-finding AUC table into focal lesions and the
+rest (diffuse change, enlargement, fluid, wall thickening): focal lesions in small synthetic volumes are a
+few dozen voxels, and the two groups behave differently enough that one macro average hides what the model
+learnt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, Finding
+from ctglip_jax.data.findings import FINDINGS, Finding
 from ctglip_jax.evaluators import metrics as M
-from ctglip_jax.evaluators.zeroshot_abnormality import sample_labels
+from ctglip_jax.evaluators.zeroshot_abnormality import sample_labels, summarise_by_kind
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
 
 MIN_TRAIN_POSITIVES = 3
@@ -84,13 +85,3 @@ def abnormality_probe(
         "skipped": skipped,
         **{f"auc_{k}": v for k, v in summarise_by_kind(per_finding).items()},
     })
-
-
-def summarise_by_kind(per_finding: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """Macro AUC over focal findings and over the rest: `{"focal": ..., "nonfocal": ...}`."""
-    groups: dict[str, list[float]] = {"focal": [], "nonfocal": []}
-    for name, row in per_finding.items():
-        kind = FINDINGS_BY_NAME[name].kind if name in FINDINGS_BY_NAME else None
-        if kind is not None and row.get("auc") is not None:
-            groups["focal" if kind == "focal" else "nonfocal"].append(float(row["auc"]))
-    return {k: (float(np.mean(v)) if v else None) for k, v in groups.items()}

@@ -175,3 +175,14 @@ class TextEncoder:
             for i in range(0, len(padded), self.batch_size)
         ]
         return (np.concatenate(out) if out else np.zeros((0, 0), np.float32))[:n]
+
+
+def pair_probabilities(
+    embeddings: np.ndarray, present: np.ndarray, absent: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """P(present) from the softmax over the pair: `(N, E)` embeddings, `(E,)` text vectors."""
+    # Row-wise sums (not a BLAS mat-vec, whose rounding can depend on the row's position): identical
+    # embeddings must get identical probabilities, or ties would be broken by float noise.
+    direction = np.asarray(present, np.float64) - np.asarray(absent, np.float64)
+    margin = float(logit_scale) * np.sum(np.asarray(embeddings, np.float64) * direction, axis=-1)
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -80.0, 80.0)))

@@ -23,21 +23,24 @@ the reason and left out of every average, never averaged in as NaN.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ctglip_jax import config_defaults
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, Finding
+from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, Finding
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
+from ctglip_jax.evaluators.label_scoring import score_with_prompts
 from ctglip_jax.evaluators.prompts import (
     DEFAULT_PAIR_TEMPLATES,
     TextEncoder,
     ensemble_embeddings,
     finding_pair_texts,
+    pair_probabilities,
 )
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings, collect_organ_embeddings
 
@@ -77,17 +80,6 @@ def sample_labels(
     if organ_abnormal is None:
         return located | unknown
     return located | (unknown & (np.asarray(organ_abnormal)[:, organ_id - 1] == 1))
-
-
-def pair_probabilities(
-    embeddings: np.ndarray, present: np.ndarray, absent: np.ndarray, logit_scale: float
-) -> np.ndarray:
-    """P(present) from the softmax over the pair: `(N, E)` embeddings, `(E,)` text vectors."""
-    # Row-wise sums (not a BLAS mat-vec, whose rounding can depend on the row's position): identical
-    # embeddings must get identical probabilities, or ties would be broken by float noise.
-    direction = np.asarray(present, np.float64) - np.asarray(absent, np.float64)
-    margin = float(logit_scale) * np.sum(np.asarray(embeddings, np.float64) * direction, axis=-1)
-    return 1.0 / (1.0 + np.exp(-np.clip(margin, -80.0, 80.0)))
 
 
 def abnormality_detection(
@@ -270,3 +262,83 @@ class AbnormalityEvaluator:
         result["templates"] = [t if isinstance(t, str) else list(t) for t in self.templates]
         result["logit_scale"] = scale
         return result
+
+
+def summarise_by_kind(per_finding: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """Macro AUC over focal findings and over the rest: `{"focal": ..., "nonfocal": ...}`."""
+    groups: dict[str, list[float]] = {"focal": [], "nonfocal": []}
+    for name, row in per_finding.items():
+        kind = FINDINGS_BY_NAME[name].kind if name in FINDINGS_BY_NAME else None
+        if kind is not None and row.get("auc") is not None:
+            groups["focal" if kind == "focal" else "nonfocal"].append(float(row["auc"]))
+    return {k: (float(np.mean(v)) if v else None) for k, v in groups.items()}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+class Evaluator:
+    """`config.evals.<name> = {"type": "abnormality"}`: zero-shot abnormality detection on the organ
+    embeddings `inputs` (an `eval_inputs.Inputs`) shares, scored on the dataset's own finding labels (the
+    phantom's catalogue), or with `labels` (`labels.read_labels`) on the user's labels plus
+    `any_abnormality`. `templates`: prompt-pair sets; the first is `abnormality_detection`, each one's
+    summary is in `abnormality_by_template`."""
+
+    section = "abnormality_detection"
+    needs_embeddings = True
+
+    def __init__(self, config, inputs, *, templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
+                 labels=None):
+        self.inputs, self.labels = inputs, labels
+        self.templates = list(templates or [None])
+        self.min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        """Its eval.json sections."""
+        data = self.inputs.data
+        if "label_map" not in data.record_keys:
+            return {self.section: {"skipped": f"{data.name} records have no organ label map"}}
+        embeddings, model = self.inputs.embeddings(params), self.inputs.model(params)
+        if self.labels is not None:
+            normal = self.inputs.normal_statements(params)
+            r = score_with_prompts(model, params, self.labels, embeddings, normal)
+            any_abnormality = {k: r["any_abnormality"].get(k) for k in ("auc", "f1", "positives", "n")}
+            return {self.section: r, "any_abnormality": any_abnormality}
+        labels = embeddings.extras.get("finding_organ", embeddings.extras.get("finding_labels"))
+        if labels is None or np.shape(labels)[-1] != len(FINDINGS):
+            return {self.section: {
+                "skipped": f"{data.name} has no finding labels over the {len(FINDINGS)}-finding catalogue: "
+                "score your own labels with --labels FILE"
+            }}
+        first, by_template = None, {}
+        for templates in self.templates:
+            kw = {} if templates is None else {"templates": tuple(templates)}
+            r = AbnormalityEvaluator(model, min_voxels=self.min_voxels, **kw).run(params, embeddings)
+            by_template["+".join(map(str, r["templates"]))] = {
+                "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
+                "identity_auc_macro": r["finding_identity"].get("auc_macro"),
+                **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
+            }
+            first = first or r
+        return {self.section: first, "abnormality_by_template": by_template}
+
+    def run(self, params: Any) -> Iterator[tuple[str, float]]:
+        """`(metric, value)`: the scalars of its section."""
+        yield from M.scalars(self.evaluate(params)[self.section])
+
+    def summary(self, sections: Mapping[str, Any]) -> str | None:
+        r = sections[self.section]
+        if isinstance(r.get("skipped"), str):  # the evaluator did not run
+            return None
+        line = (
+            f"AUC macro {_fmt(r['auc_macro'])}, F1 macro {_fmt(r['f1_macro'])} over "
+            f"{r['num_findings_evaluated']} finding(s), {len(r['skipped'])} skipped"
+        )
+        if self.labels is None:
+            return f"  abnormality detection: {line}"
+        return (
+            f"  abnormality detection ({self.labels.source}): {line}; any abnormality AUC "
+            f"{_fmt(r['any_abnormality'].get('auc'))}; {r.get('num_cases_left_out', 0)} case(s) not in the "
+            "labels file"
+        )
