@@ -143,7 +143,7 @@ def normal_statements(pretrained) -> Callable[[str], list[str]]:
         for organ, entries in load_dictionary(path)["organs"].items():
             table[organ] = [e["text"] for e in entries if not e["abnormal"]]
     elif pretrained.config.data.dataset == objective.SYNTHETIC_DATASET:
-        from ctglip_jax.data.phantom_dictionary import normal_phrasings  # phantom runs only
+        from ctglip_jax.phantom.dictionary import normal_phrasings  # phantom runs only
 
         return normal_phrasings
     return lambda organ: table.get(organ, [])

@@ -55,7 +55,7 @@ def parse_evaluators(names: str | Sequence[str]) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------- evaluate
 def _example_queries(config, example: dict[str, Any]) -> dict[str, str]:
     """{label: query}: the prompt of the largest organ in the crop, and the first finding the case has."""
-    from ctglip_jax.data.findings import FINDINGS  # phantom runs only
+    from ctglip_jax.phantom.findings import FINDINGS  # phantom runs only
 
     queries = {}
     counts = np.bincount(np.asarray(example["label_map"], np.int64).ravel(), minlength=organs.NUM_CLASSES + 1)

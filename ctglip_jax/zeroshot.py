@@ -139,7 +139,7 @@ class ScanInference:
         descriptions, its normal statements), under the key "any abnormality"; never the phantom's."""
         if self.config.data.dataset != objective.SYNTHETIC_DATASET:
             return self._dictionary_abnormality(embeddings, voxels)
-        from ctglip_jax.data.findings import FINDINGS  # phantom runs only
+        from ctglip_jax.phantom.findings import FINDINGS  # phantom runs only
 
         present = voxels >= max(self.min_voxels, 1)
         findings = [f for f in FINDINGS if any(present[organs.organ_id(o) - 1] for o in f.organs)]

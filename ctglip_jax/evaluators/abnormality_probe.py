@@ -16,15 +16,17 @@ learnt.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, Finding
 from ctglip_jax.evaluators import metrics as M
-from ctglip_jax.evaluators.zeroshot_abnormality import sample_labels, summarise_by_kind
+from ctglip_jax.evaluators.zeroshot_abnormality import phantom_catalogue, sample_labels, summarise_by_kind
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
+
+if TYPE_CHECKING:
+    from ctglip_jax.phantom.findings import Finding
 
 MIN_TRAIN_POSITIVES = 3
 
@@ -43,8 +45,8 @@ def _samples(data: OrganEmbeddings, finding: Finding, column: int) -> tuple[np.n
 def abnormality_probe(
     train: OrganEmbeddings,
     test: OrganEmbeddings,
-    findings: Sequence[Finding] = FINDINGS,
-    catalogue: Sequence[Finding] = FINDINGS,
+    findings: Sequence[Finding] | None = None,
+    catalogue: Sequence[Finding] | None = None,
     *,
     l2: float = 1.0,
 ) -> dict[str, Any]:
@@ -54,6 +56,8 @@ def abnormality_probe(
     fewer than `MIN_TRAIN_POSITIVES` training positives, or one class in the test split, is `skipped`.
     """
     from sklearn.linear_model import LogisticRegression  # scikit-learn is slow to import
+
+    findings, catalogue = phantom_catalogue(findings), phantom_catalogue(catalogue)
 
     for name, data in (("train", train), ("test", test)):
         if "finding_organ" not in data.extras:
