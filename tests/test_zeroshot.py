@@ -13,10 +13,10 @@ import pytest
 
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import prompts as P
 from ctglip_jax.evaluators.retrieval import RetrievalEvaluator, retrieval_metrics
 from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, abnormality_detection
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import (
     OrganEmbeddings,
     OrganRecognitionEvaluator,

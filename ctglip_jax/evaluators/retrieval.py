@@ -19,9 +19,9 @@ import numpy as np
 
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.prompts import ORGAN_TEMPLATES, TextEncoder
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import pad_rows
 
 

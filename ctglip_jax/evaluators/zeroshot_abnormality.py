@@ -31,7 +31,6 @@ import numpy as np
 from ctglip_jax import config_defaults
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.label_scoring import score_with_prompts
 from ctglip_jax.evaluators.prompts import (
@@ -41,6 +40,7 @@ from ctglip_jax.evaluators.prompts import (
     finding_pair_texts,
     pair_probabilities,
 )
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings, collect_organ_embeddings
 
 if TYPE_CHECKING:

@@ -22,7 +22,6 @@ import numpy as np
 from ctglip_jax import config_defaults
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.prompts import (
     ORGAN_TEMPLATES,
@@ -30,6 +29,7 @@ from ctglip_jax.evaluators.prompts import (
     ensemble_embeddings,
     organ_prompt_groups,
 )
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 
 NUM_ORGANS = organs.NUM_CLASSES
 # Per-case keys carried along with the embeddings (labels for the abnormality evaluator, ids for reports).
