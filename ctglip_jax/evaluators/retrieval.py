@@ -11,7 +11,7 @@ any relevant item is among its top k, ties broken against the query (`metrics.re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +21,7 @@ from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.prompts import ORGAN_TEMPLATES, TextEncoder
-from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import pad_rows
 
 
@@ -120,7 +120,7 @@ class RetrievalEvaluator:
         return result
 
 
-class Evaluator:
+class Evaluator(SectionEvaluator):
     """`config.evals.<name> = {"type": "retrieval"}`: organ report sentence <-> organ image retrieval. On the
     organ embeddings `inputs` (an `eval_inputs.Inputs`) shares when they are pooled anyway (whole scan, or
     for another evaluator of the split), else on the centre crops' organ slots."""
@@ -148,12 +148,5 @@ class Evaluator:
         except ConfigError as e:  # e.g. a dataset without reports
             return {self.section: {"skipped": e.problem}}
 
-    def run(self, params: Any) -> Iterator[tuple[str, float]]:
-        """`(metric, value)`: the scalars of its section."""
-        yield from M.scalars(self.evaluate(params)[self.section])
-
-    def summary(self, sections: Mapping[str, Any]) -> str | None:
-        r = sections[self.section]
-        if isinstance(r.get("skipped"), str):  # the evaluator did not run
-            return None
+    def line(self, r: Mapping[str, Any]) -> str:
         return f"  retrieval: image->text R@1 {r['image_to_text/R@1']}"

@@ -23,7 +23,7 @@ the reason and left out of every average, never averaged in as NaN.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from ctglip_jax.evaluators.prompts import (
     finding_pair_texts,
     pair_probabilities,
 )
-from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings, collect_organ_embeddings
 
 if TYPE_CHECKING:
@@ -299,7 +299,7 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-class Evaluator:
+class Evaluator(SectionEvaluator):
     """`config.evals.<name> = {"type": "abnormality"}`: zero-shot abnormality detection on the organ
     embeddings `inputs` (an `eval_inputs.Inputs`) shares, scored on the dataset's own finding labels (the
     phantom's catalogue), or with `labels` (`labels.read_labels`) on the user's labels plus
@@ -307,7 +307,6 @@ class Evaluator:
     summary is in `abnormality_by_template`."""
 
     section = "abnormality_detection"
-    needs_embeddings = True
 
     def __init__(self, config, inputs, *, templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
                  labels=None):
@@ -345,14 +344,7 @@ class Evaluator:
             first = first or r
         return {self.section: first, "abnormality_by_template": by_template}
 
-    def run(self, params: Any) -> Iterator[tuple[str, float]]:
-        """`(metric, value)`: the scalars of its section."""
-        yield from M.scalars(self.evaluate(params)[self.section])
-
-    def summary(self, sections: Mapping[str, Any]) -> str | None:
-        r = sections[self.section]
-        if isinstance(r.get("skipped"), str):  # the evaluator did not run
-            return None
+    def line(self, r: Mapping[str, Any]) -> str:
         line = (
             f"AUC macro {_fmt(r['auc_macro'])}, F1 macro {_fmt(r['f1_macro'])} over "
             f"{r['num_findings_evaluated']} finding(s), {len(r['skipped'])} skipped"

@@ -1,16 +1,18 @@
-"""What the zero-shot evaluators need of a model: four functions of a two-tower model, bundled in
-`ZeroShotModel`; `ZeroShotModel.from_two_tower` builds them for `models.two_tower.TwoTower`, a test builds
-them by hand. Apart from `evaluators/__init__.py` so that importing the package loads no Flax.
+"""What the zero-shot evaluators share: what they need of a model, four functions of a two-tower model
+bundled in `ZeroShotModel` (`ZeroShotModel.from_two_tower` builds them for `models.two_tower.TwoTower`, a
+test builds them by hand), and `SectionEvaluator`, their `config.evals` interface (evals.py). Apart from
+`evaluators/__init__.py` so that importing the package loads no Flax.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.losses import clamp_logit_scale
 from ctglip_jax.models.two_tower import TwoTower
 
@@ -48,3 +50,26 @@ class ZeroShotModel:
             return clamp_logit_scale(params["log_logit_scale"])
 
         return cls(embed_organs, project_text, logit_scale, text_features)
+
+
+class SectionEvaluator:
+    """A `config.evals` type (evals.py): `evaluate(params)` gives its eval.json sections, the main one under
+    `section`; `run(params)` yields that section's scalars as `(metric, value)`; `summary(sections)` is its
+    progress line, None when it did not run (a skipped section holds the reason as a string)."""
+
+    section: str
+    needs_embeddings = True  # whether it reads the organ embeddings its `inputs` share
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def line(self, result: Mapping[str, Any]) -> str:
+        """The progress line of a section that ran."""
+        raise NotImplementedError
+
+    def run(self, params: Any) -> Iterator[tuple[str, float]]:
+        yield from M.scalars(self.evaluate(params)[self.section])
+
+    def summary(self, sections: Mapping[str, Any]) -> str | None:
+        result = sections[self.section]
+        return None if isinstance(result.get("skipped"), str) else self.line(result)

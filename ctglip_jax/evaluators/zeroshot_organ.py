@@ -13,7 +13,7 @@ both to pay for one pass over the data. `Evaluator` is the `config.evals` entry 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -29,7 +29,7 @@ from ctglip_jax.evaluators.prompts import (
     ensemble_embeddings,
     organ_prompt_groups,
 )
-from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 
 NUM_ORGANS = organs.NUM_CLASSES
 # Per-case keys carried along with the embeddings (labels for the abnormality evaluator, ids for reports).
@@ -193,12 +193,11 @@ class OrganRecognitionEvaluator:
         return result
 
 
-class Evaluator:
+class Evaluator(SectionEvaluator):
     """`config.evals.<name> = {"type": "organ"}`: organ recognition over the run's prompt template, on the
     organ embeddings `inputs` (an `eval_inputs.Inputs`) shares with the other evaluators of its split."""
 
     section = "organ_recognition"  # its eval.json key
-    needs_embeddings = True
 
     def __init__(self, config, inputs):
         self.inputs = inputs
@@ -214,12 +213,5 @@ class Evaluator:
         evaluator = OrganRecognitionEvaluator(model, templates=(self.template,), min_voxels=self.min_voxels)
         return {self.section: evaluator.run(params, self.inputs.embeddings(params))}
 
-    def run(self, params: Any) -> Iterator[tuple[str, float]]:
-        """`(metric, value)`: the scalars of its section."""
-        yield from M.scalars(self.evaluate(params)[self.section])
-
-    def summary(self, sections: Mapping[str, Any]) -> str | None:
-        r = sections[self.section]
-        if isinstance(r.get("skipped"), str):  # the evaluator did not run
-            return None
+    def line(self, r: Mapping[str, Any]) -> str:
         return f"  organ recognition: top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}"
