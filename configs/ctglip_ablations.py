@@ -10,7 +10,9 @@ Launch:
     ctglip train --config configs/ctglip_ablations.py:sigmoid,cnn --workdir /data/abl_sigmoid_cnn
 """
 
-from ctglip_jax import config_defaults
+from pathlib import Path
+
+from ctglip_jax import config_lib
 from ctglip_jax.errors import ConfigError
 
 VARIANTS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global")
@@ -25,9 +27,9 @@ def get_config(arg=None):
             "configs/ctglip_ablations.py",
             f"argument must name one of {VARIANTS} (plus optional ',cnn' and ',runlocal'), got {arg!r}",
         )
-    c = config_defaults.base(
-        "runlocal" if "runlocal" in parts else None, tower="cnn" if "cnn" in parts else "vit", loss="ctglip"
-    )
+    # The CT-GLIP experiment of that tower (configs/ctglip_vit.py, ctglip_cnn.py), then the one change.
+    experiment = Path(__file__).with_name("ctglip_cnn.py" if "cnn" in parts else "ctglip_vit.py")
+    c = config_lib.load_config(f"{experiment}{':runlocal' if 'runlocal' in parts else ''}")
     variant = variants[0]
     if variant == "no_dictionary":
         c.loss.use_dictionary = False

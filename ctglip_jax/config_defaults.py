@@ -1,4 +1,8 @@
-"""Shared defaults of the experiment configs in `configs/` (each file there calls `base`).
+"""The machinery every config in `configs/` shares: checkpointing, evaluators, mesh, the input pipeline's
+mechanics, the text tower's plumbing, the optimiser's fixed parts. Each file in `configs/` starts from
+`shared()` and sets its whole experiment itself (steps, data, batch, crop, model, text size, loss, learning
+rate), with the `runlocal` values beside, as big_vision's configs do; `value()` reads a field of a stored
+config with its shared default.
 
 Choices the paper leaves open, and why (docs/DESIGN.md, "Choices the paper leaves open, and ours"; fVLM,
 same group, is the reference):
@@ -24,21 +28,17 @@ from ctglip_jax.data.augment import DEFAULT_WINDOW, DEFAULT_WINDOWS
 ORGAN_PROMPT = "A CT image of the {organ}."  # organ recognition's prompt, in training and evaluation
 
 
-def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
-    """`tower` in {'vit', 'cnn'}; `loss` in {'ctglip', 'clip'}; arg 'runlocal' = tiny CPU variant."""
-    runlocal = arg == "runlocal"
+def shared() -> mlc.ConfigDict:
+    """The fields no experiment changes; a file in `configs/` adds the experiment's own."""
     c = mlc.ConfigDict()
     c.seed = 0
-    c.total_steps = 30 if runlocal else 20_000
-    c.log_every = 5 if runlocal else 50
-    c.checkpoint_every = 10 if runlocal else 1000
     c.keep_checkpoints = 3
     c.debug_nan_step = -1  # tests inject a NaN loss at this step
     c.log_case_ids = False  # append each step's case ids to <workdir>/data_order.jsonl
     c.fsdp_min_size = 2**14  # parameters with fewer elements stay replicated on the fsdp axis
 
-    # Held-out objective on fixed validation batches every `every` steps (and at start/end); 0 = off.
-    c.eval = mlc.ConfigDict({"every": 10 if runlocal else 1000, "split": "validation", "num_batches": 2})
+    # Held-out objective on fixed validation batches every `eval.every` steps (and at start/end); 0 = off.
+    c.eval = mlc.ConfigDict({"split": "validation", "num_batches": 2})
     # Zero-shot evaluators (evals.py): `every` > 0 also runs one during training, 0 only in `ctglip eval`.
     c.evals = mlc.ConfigDict({
         name: {"type": name, "every": 0, "split": "test"} for name in ("organ", "abnormality", "retrieval")
@@ -51,13 +51,8 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
 
     c.data = mlc.ConfigDict(
         dict(
-            dataset="ctglip_synthetic",
-            config="tiny" if runlocal else "medium",
             split="train",
-            data_dir="",
-            batch_size=4 if runlocal else 32,
-            crop_shape=(32, 32, 48) if runlocal else (96, 96, 128),
-            num_slots=24 if runlocal else 48,
+            data_dir="",  # "" means the default ($CTGLIP_DATA_DIR or ~/tensorflow_datasets)
             min_organ_voxels=8,
             flip_axes=(),
             hu_scale_jitter=0.05,
@@ -72,38 +67,13 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             worker_count=0,
         )
     )
-    # data_dir "" means the default ($CTGLIP_DATA_DIR or ~/tensorflow_datasets)
-
-    if tower == "vit":
-        image_tower = "vit3d_tiny" if runlocal else "vit3d_B"
-        image_kw = (
-            dict(width=64, depth=2, num_heads=4, mlp_dim=128, patch_size=(4, 4, 4))
-            if runlocal
-            else dict(patch_size=(16, 16, 16))
-        )
-    else:
-        image_tower = "unet3d_tiny" if runlocal else "unet3d_S"
-        image_kw = {}
-    # bf16 compute (params stay fp32), per-block remat: --config.model.image_tower_kw.dtype=bfloat16
-    image_kw.update(dtype="float32", remat=False)
-    c.model = mlc.ConfigDict(
-        dict(
-            image_tower=image_tower,
-            image_tower_kw=image_kw,
-            embed_dim=64 if runlocal else 512,
-            temperature_init=0.07,
-        )
-    )
+    c.model = mlc.ConfigDict()
     c.text = mlc.ConfigDict(
         dict(
             model_dir="",
             pooling="mean",
-            max_length=32 if runlocal else 64,
             batch_size=16,
             prompt=ORGAN_PROMPT,
-            # Joint training (joint_text.py): the top k BERT layers train, the rest stay frozen on the host.
-            trainable_layers=2,
-            rows_per_example=8 if runlocal else 16,  # packed rows of max_length tokens in the text table
             max_report_sentences=32,  # sentences of a report averaged for the global (CLIP) term
             cache_mb=1024,  # host cache of the frozen layers' states; least recently used evicted first
             # Build-time text features (`ctglip build-text-features`, text_store.py): auto = the dataset's for
@@ -111,38 +81,16 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             features="auto",
         )
     )
-
     c.loss = mlc.ConfigDict(
         dict(
-            kind="softmax",
-            organ_text=1.0,
-            abnormality=1.0,
-            global_clip=0.0,
-            use_dictionary=True,
             # "auto": the phantom's catalogue for ctglip_synthetic, else "corpus" (built from the training
             # split's reports, kept in the workdir); or a JSON file written by `ctglip build-dictionary`.
             dictionary="auto",
             dictionary_per_organ=32,  # corpus dictionary: most entries per organ
-            dictionary_sample=32 if runlocal else 128,  # dictionary entries per step when the text trains
-            # Cross-step negatives (objective.init_queue): the last N (image, report) pairs for the global
-            # term and the last N organ slots for the abnormality term; at batch 4 CLIP otherwise has three
-            # negatives a step and sits at chance. 0 = off. Both methods get it: equal compute.
-            queue_size=256 if runlocal else 4096,
-            # The queue's candidates from an EMA ("momentum") copy of both towers, MoCo / ALBEF style
-            # (objective.queue_momentum says why); 0 = a memory bank of the online embeddings. Off in
-            # runlocal: one more forward pass a step, and no effect measured at batch 4 in 400 steps
-            # (docs/RESULTS.md); a 4096-entry queue spans 128 steps of drift, where MoCo needs it.
-            queue_momentum=0.0 if runlocal else 0.995,
         )
     )
-    if loss == "clip":
-        c.loss.update(organ_text=0.0, abnormality=0.0, global_clip=1.0, use_dictionary=False)
-
     c.optim = mlc.ConfigDict(
         dict(
-            lr=1e-3 if runlocal else 3e-4,
-            warmup_steps=3 if runlocal else 1000,
-            total_steps=c.total_steps,
             wd=0.05,
             clip_norm=1.0,
             tower_lr_mult={},
@@ -151,17 +99,16 @@ def base(arg: str | None, *, tower: str, loss: str) -> mlc.ConfigDict:
             text_lr_mult=0.1,  # the pretrained text layers move slower than the new image tower
         )
     )
-    c.optim.total_steps = c.get_ref("total_steps")
     return c
 
 
 @functools.cache
 def _shared() -> mlc.ConfigDict:
-    return base(None, tower="vit", loss="ctglip")
+    return shared()
 
 
 def value(config: Any, path: str) -> Any:
-    """`config`'s field at the dotted `path` ("data.min_organ_voxels"), or its shared default from `base`
+    """`config`'s field at the dotted `path` ("data.min_organ_voxels"), or its shared default (`shared`)
     when the config is older than the field: a workdir's stored config is read with this, so an old
     workdir still loads and no caller restates a default. Only for fields whose meaning never changed (not
     `data.windows`, whose absence means the single `data.window`)."""

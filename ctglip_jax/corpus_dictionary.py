@@ -1,7 +1,7 @@
 """The abnormality dictionary built from a training corpus: per organ, the report sentences that speak of it.
 
 CT-GLIP's abnormality dictionary gives the abnormality-text loss extra negatives: per organ, descriptions of
-the findings it can have plus normal phrasings. `data/findings.py` holds the synthetic phantom's catalogue;
+the findings it can have plus normal phrasings. `phantom/findings.py` holds the synthetic phantom's catalogue;
 on a user's data the dictionary must come from the user's own reports, which is what this module does:
 
 1. every organ-level sentence of every report, with its organ and abnormal flag (`reports.organ_sentences`,

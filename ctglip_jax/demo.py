@@ -27,9 +27,9 @@ import numpy as np
 
 from ctglip_jax import config_lib, evaluation, finetune, pretrained, train, zeroshot
 from ctglip_jax.data import datasets
-from ctglip_jax.data.findings import FINDINGS_BY_NAME
-from ctglip_jax.data.synthetic import PhantomConfig, generate_case
 from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
+from ctglip_jax.phantom.findings import FINDINGS_BY_NAME
+from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 
 METHODS = {"CT-GLIP": "configs/ctglip_vit.py:runlocal", "CLIP": "configs/clip_vit.py:runlocal"}
 

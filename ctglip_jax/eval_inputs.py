@@ -7,6 +7,9 @@ centre crop of the training size holds only the organs near the middle, so the o
 whole-body scan) would never be evaluated. Centre crop (`whole_scan=False`, `ctglip eval --centre-crop`):
 one crop of the training size in the middle of the volume, the protocol before whole-scan evaluation, kept
 for comparison.
+
+`Inputs` is one split read one way as the evaluators that read it share it (evals.py): the model of the
+params they run on and its organ embeddings, each made once.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctglip_jax import config_defaults
+from ctglip_jax import config_defaults, objective
+from ctglip_jax import pretrained as pretrained_lib
+from ctglip_jax.corpus_dictionary import load_dictionary
 from ctglip_jax.data import datasets
 from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform, stack_examples
 from ctglip_jax.errors import ConfigError
@@ -126,3 +132,69 @@ def organ_embeddings(pretrained, data: EvaluationData, batches: Iterable[Mapping
         return collect_scan_embeddings(inference, batches, min_voxels=min_voxels)
     model = pretrained.zero_shot_model()
     return collect_organ_embeddings(model.embed_organs, pretrained.params, batches, min_voxels=min_voxels)
+
+
+def normal_statements(pretrained) -> Callable[[str], list[str]]:
+    """`organ name -> [normal statements]` of the run's abnormality dictionary: the corpus dictionary kept in
+    the workdir (`dictionary.json`), the phantom's catalogue for phantom runs, nothing otherwise."""
+    path = Path(pretrained.workdir) / objective.DICTIONARY_FILE
+    table: dict[str, list[str]] = {}
+    if path.is_file():
+        for organ, entries in load_dictionary(path)["organs"].items():
+            table[organ] = [e["text"] for e in entries if not e["abnormal"]]
+    elif pretrained.config.data.dataset == objective.SYNTHETIC_DATASET:
+        from ctglip_jax.phantom.dictionary import normal_phrasings  # phantom runs only
+
+        return normal_phrasings
+    return lambda organ: table.get(organ, [])
+
+
+class Inputs:
+    """One `EvaluationData` shared by the evaluators that read it (evals.py). Per params object, the model
+    (`pretrained`, `model`) and the organ embeddings are made once: organ recognition, abnormality
+    detection and retrieval pool the same organs, so they pool once. The first `num_examples` examples
+    read are kept (`examples`, for the overlay figures)."""
+
+    def __init__(self, data: EvaluationData, workdir, *, pretrained=None, num_examples: int = 0):
+        self.data, self.workdir, self.num_examples = data, workdir, num_examples
+        self.examples: list[dict[str, Any]] = []
+        self._params: Any = None
+        self._cache: dict[str, Any] = {}
+        if pretrained is not None:
+            self._params, self._cache = pretrained.params, {"pretrained": pretrained}
+
+    def pretrained(self, params):
+        """The run's model with `params` (`pretrained.from_params`: the text tower too, when trained)."""
+        if params is not self._params or "pretrained" not in self._cache:
+            self._params = params
+            self._cache = {"pretrained": pretrained_lib.from_params(self.data.config, params, self.workdir)}
+        return self._cache["pretrained"]
+
+    def model(self, params):
+        """The `ZeroShotModel` of `params` (one per params: its jitted functions compile once)."""
+        pretrained = self.pretrained(params)
+        if "model" not in self._cache:
+            self._cache["model"] = pretrained.zero_shot_model()
+        return self._cache["model"]
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """`data.batches()`, keeping the first `num_examples` examples."""
+        for batch in self.data.batches():
+            for row in range(len(batch["image"])):
+                if len(self.examples) < self.num_examples:
+                    self.examples.append({k: batch[k][row] for k in EXAMPLE_KEYS if k in batch})
+            yield batch
+
+    def embeddings(self, params) -> OrganEmbeddings:
+        """The organ embeddings of every case under the data's protocol, pooled once per params."""
+        pretrained = self.pretrained(params)
+        if "embeddings" not in self._cache:
+            self._cache["embeddings"] = organ_embeddings(pretrained, self.data, self.batches())
+        return self._cache["embeddings"]
+
+    def pooled(self, params) -> bool:
+        """Whether the organ embeddings of `params` are already pooled."""
+        return params is self._params and "embeddings" in self._cache
+
+    def normal_statements(self, params) -> Callable[[str], list[str]]:
+        return normal_statements(self.pretrained(params))

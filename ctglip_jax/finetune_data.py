@@ -150,7 +150,7 @@ def tumour_types(data: DataSpec, keys: set[str]) -> dict[int, str]:
     synthetic phantom: 1 + catalogue index; the catalogue's `is_tumor` findings); else {}."""
     if data.name != "ctglip_synthetic" or "lesion_map" not in keys:
         return {}
-    from ctglip_jax.data.findings import FINDINGS  # phantom runs only
+    from ctglip_jax.phantom.findings import FINDINGS  # phantom runs only
 
     return {i + 1: f.name for i, f in enumerate(FINDINGS) if f.is_tumor}
 

@@ -66,7 +66,7 @@ def resolve_dictionary(config: ml_collections.ConfigDict, workdir: str | None = 
         return None
     source = dictionary_source(config)
     if source == "synthetic":
-        from ctglip_jax.data.phantom_dictionary import abnormality_dictionary  # phantom runs only
+        from ctglip_jax.phantom.dictionary import abnormality_dictionary  # phantom runs only
 
         return abnormality_dictionary()
     stored = os.path.join(workdir, DICTIONARY_FILE) if workdir else None

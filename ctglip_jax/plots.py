@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib  # slow to import: only when a figure is drawn
 
     matplotlib.use("Agg", force=True)
@@ -27,7 +28,7 @@ def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -100,7 +101,7 @@ def heatmap_overlay(
 ) -> Path:
     """Axial and coronal slices through the heatmap's maximum: CT, heatmap on top (and the mask, if any)."""
     image = display_image(image)
-    plt = _pyplot()
+    plt = pyplot()
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     panels = [("axial", peak[2]), ("coronal", peak[1])]
     columns = 2 if labels is None else 3
@@ -132,7 +133,7 @@ def case_overlay(
     """One evaluation case: the mask overlay, then one heatmap per query, each through its own maximum
     (axial row and coronal row); `outline` (e.g. the lesion mask) is drawn in white on every panel."""
     image = display_image(image)
-    plt = _pyplot()
+    plt = pyplot()
     columns = 1 + len(heatmaps)
     fig, axes = plt.subplots(2, columns, figsize=(3.2 * columns, 6.4), squeeze=False)
     if outline is not None and np.any(outline):
@@ -157,7 +158,7 @@ def case_overlay(
 
 def roc_curves(per_finding: Mapping[str, Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
     """One small ROC plot per finding (`roc_fpr`/`roc_tpr` of `binary_report`), with AUC and F1."""
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted(per_finding)
     columns = max(1, min(4, len(names)))
     rows = max(1, -(-len(names) // columns))
@@ -184,7 +185,7 @@ def confusion_matrix(
     matrix: np.ndarray, class_names: Sequence[str], path: str | Path, *, title: str = ""
 ) -> Path:
     """Row-normalised confusion matrix, restricted to classes that occur as truth or prediction."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, np.float64)
     keep = np.flatnonzero((matrix.sum(0) > 0) | (matrix.sum(1) > 0))
     if not len(keep):

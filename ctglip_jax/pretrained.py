@@ -16,7 +16,7 @@ import ml_collections
 
 from ctglip_jax import checkpoint, joint_text, objective
 from ctglip_jax.errors import InputNotFoundError
-from ctglip_jax.evaluators import ZeroShotModel
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 from ctglip_jax.models.text import TextEmbedder
 
 CONFIG_FILE = "config.json"

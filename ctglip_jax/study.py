@@ -24,8 +24,8 @@ import numpy as np
 
 from ctglip_jax import checkpoint, config_lib, demo, pretrained, train
 from ctglip_jax.data import datasets
-from ctglip_jax.data.findings import FINDINGS_BY_NAME
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.phantom.findings import FINDINGS_BY_NAME
 
 ENCODERS = ("vit", "cnn")
 ABLATIONS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global")

@@ -267,7 +267,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Trai
         specs = evals.due(eval_specs, step, total_steps)
         if not specs or not is_main:
             return
-        metrics = dict(evals.run(config, specs, jax.device_get(state.params), workdir, step=step))
+        metrics = dict(evals.run(config, specs, jax.device_get(state.params), workdir))
         history.append({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         print(f"evaluators step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
         with open(os.path.join(workdir, EVAL_HISTORY_FILE), "a") as f:

@@ -45,9 +45,9 @@ from ctglip_jax.data.augment import windows_of
 from ctglip_jax.data.datasets import training_spacing
 from ctglip_jax.data.scan import prepare_scan, to_input_grid
 from ctglip_jax.errors import CTGlipInputError
-from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings
+from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings, pair_probabilities
 from ctglip_jax.evaluators.sliding_window import SlidingWindow
-from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, pair_probabilities
+from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
 from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
 from ctglip_jax.models.grounding import organ_sums
 from ctglip_jax.models.two_tower import TwoTower
@@ -139,7 +139,7 @@ class ScanInference:
         descriptions, its normal statements), under the key "any abnormality"; never the phantom's."""
         if self.config.data.dataset != objective.SYNTHETIC_DATASET:
             return self._dictionary_abnormality(embeddings, voxels)
-        from ctglip_jax.data.findings import FINDINGS  # phantom runs only
+        from ctglip_jax.phantom.findings import FINDINGS  # phantom runs only
 
         present = voxels >= max(self.min_voxels, 1)
         findings = [f for f in FINDINGS if any(present[organs.organ_id(o) - 1] for o in f.organs)]

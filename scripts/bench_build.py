@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from ctglip_jax.data import datasets
-from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 from tfds_builders.beam_options import pipeline_setup
 
 GRID = "grid_3x3x3_128x112x160_m10"  # 3 mm: every case is resampled (phantoms have their own spacing)

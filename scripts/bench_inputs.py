@@ -22,7 +22,7 @@ def synthetic_inputs(config, text_dim: int = 384, seed: int = 0) -> tuple[dict, 
     if joint_text.trainable_layers(config):
         return joint_inputs(config, seed)
     from ctglip_jax.data.organs import NUM_CLASSES
-    from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
+    from ctglip_jax.phantom.dictionary import abnormality_dictionary
     from ctglip_jax.text_features import dictionary_entries
 
     rng = np.random.default_rng(seed)
@@ -68,7 +68,7 @@ def joint_inputs(config, seed: int = 0) -> tuple[dict, dict]:
     """The text table of a batch whose slot texts and reports are the phantom's own phrasings."""
     from ctglip_jax import joint_text, objective
     from ctglip_jax.data.organs import NUM_CLASSES
-    from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
+    from ctglip_jax.phantom.dictionary import abnormality_dictionary
 
     rng = np.random.default_rng(seed)
     b, k = int(config.data.batch_size), int(config.data.num_slots)

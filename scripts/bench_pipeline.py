@@ -46,7 +46,7 @@ def write_nifti_folder(root: Path, cases: int, size: str) -> None:
     import nibabel as nib
     from scipy import ndimage
 
-    from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+    from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 
     (root / "ct").mkdir(parents=True)
     (root / "seg").mkdir()

@@ -2,8 +2,8 @@
 
 Writes a synthetic 512x512x200 int16 .nii.gz (LPS, 0.7x0.7x1.25 mm, body-shaped phantom with noise) to a
 temp dir, then times, in the same run and process:
-  ours_fused     ct.load_ct(path, spacing=...) + window_hu   (resamples from the stored int16)
-  ours_two_step  ct.load_ct(path) -> ct.resample(...) -> window_hu   (float32 HU volume first)
+  ours_fused     ct.load_ct(path, spacing=...) + augment.window   (resamples from the stored int16)
+  ours_two_step  ct.load_ct(path) -> ct.resample(...) -> augment.window   (float32 HU volume first)
   nibabel_zoom   nib.load -> as_closest_canonical -> get_fdata -> scipy.ndimage.zoom(order=1) -> window
 and checks our output against scipy.ndimage.affine_transform(order=1) on our own grid.
 docs/DESIGN.md ("Baselines") records MONAI's chain at 3.6 s/volume on this machine kind (not installed here).
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import scipy.ndimage as ndi  # noqa: E402
 
 from ctglip_jax.data import ct  # noqa: E402
+from ctglip_jax.data.augment import window  # noqa: E402
 
 SHAPE = (512, 512, 200)
 SPACING = (0.7, 0.7, 1.25)
@@ -53,12 +54,12 @@ def write_phantom(path: str, seed: int = 0) -> None:
 
 def ours_fused(path, spacing):
     vol = ct.load_ct(path, spacing=spacing)
-    return ct.window_hu(vol.data), vol
+    return window(vol.data), vol
 
 
 def ours_two_step(path, spacing):
     vol = ct.resample(ct.load_ct(path), spacing)
-    return ct.window_hu(vol.data), vol
+    return window(vol.data), vol
 
 
 def nibabel_zoom(path, spacing):

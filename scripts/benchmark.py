@@ -415,12 +415,9 @@ def pooling_suite(repeats: int = 10) -> dict[str, Any]:
 
 
 def plot(cases: list[dict], path: str) -> None:
-    import matplotlib
+    from ctglip_jax.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     groups = (("vit_sweep", "o"), ("cnn_sweep", "s"), ("reference", "^"), ("gpu", "D"), ("cnn", "v"))
     for group, marker in groups:
         rows = [c for c in cases if c["group"] == group]
@@ -469,17 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report: dict[str, Any] = {"environment": environment()}
-    cases: list[Case] = []
-    if args.suite in ("reference", "all"):
-        cases += reference_cases()
-    if args.suite in ("sweep", "all"):
-        cases += sweep_cases()
-    if args.suite in ("cnn", "all"):
-        cases += cnn_cases()
-    if args.suite in ("text", "all"):
-        cases += text_cases()
-    if args.suite == "gpu":
-        cases += gpu_cases()
+    step_suites = {"reference": reference_cases, "sweep": sweep_cases, "cnn": cnn_cases, "text": text_cases}
+    chosen = list(step_suites) if args.suite == "all" else [args.suite]
+    cases: list[Case] = gpu_cases() if args.suite == "gpu" else []
+    cases += [c for name in chosen if name in step_suites for c in step_suites[name]()]
     if args.cases:
         keep = set(args.cases.split(","))
         cases = [c for c in cases if c.name in keep]

@@ -29,13 +29,13 @@ def main(argv=None) -> int:
 
     from ctglip_jax import config_defaults, pretrained
     from ctglip_jax.data import organs
-    from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, finding_phrasings
-    from ctglip_jax.data.phantom_dictionary import normal_phrasings
     from ctglip_jax.evaluation import EvaluationData
     from ctglip_jax.evaluators import metrics as M
     from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
     from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, sample_labels
     from ctglip_jax.evaluators.zeroshot_organ import collect_organ_embeddings
+    from ctglip_jax.phantom.dictionary import normal_phrasings
+    from ctglip_jax.phantom.findings import FINDINGS, FINDINGS_BY_NAME, finding_phrasings
 
     model = pretrained.load(args.workdir)
     zero_shot = model.zero_shot_model()

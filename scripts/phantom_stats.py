@@ -5,7 +5,7 @@
 
 Renders cases 0..N-1 of each preset with every finding present (`--prevalence 1.0`, the most crowded
 patients: several lesions per organ, a fatty liver under the liver lesions) and measures each finding
-with `ctglip_jax.data.phantom_stats`: for localized findings the lesion's voxels in `lesion_map` and its
+with `ctglip_jax.phantom.stats`: for localized findings the lesion's voxels in `lesion_map` and its
 per-voxel CNR against the surrounding tissue of its organ in the best of the three default HU windows
 (lung / soft tissue / bone, as the model sees them); for hepatic steatosis the organ's voxels and the CNR
 of its mean shift against the same patient without it; for enlargements the organ's voxels and its volume
@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 
-from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import phantom_stats, synthetic
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom import stats as phantom_stats
+from ctglip_jax.phantom import synthetic
 
 WINDOW_NAMES = ("lung", "soft", "bone")
 

@@ -17,7 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ctglip_jax.data import organs, synthetic  # noqa: E402
+from ctglip_jax.data import organs  # noqa: E402
+from ctglip_jax.phantom import synthetic  # noqa: E402
 
 
 def _axial(vol, lab, z):

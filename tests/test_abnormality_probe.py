@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME
-from ctglip_jax.evaluators.abnormality_probe import abnormality_probe, summarise_by_kind
+from ctglip_jax.evaluators.abnormality_probe import abnormality_probe
+from ctglip_jax.evaluators.zeroshot_abnormality import summarise_by_kind
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
+from ctglip_jax.phantom.findings import FINDINGS, FINDINGS_BY_NAME
 
 COLUMN = {f.name: i for i, f in enumerate(FINDINGS)}
 LIVER = organs.organ_id("liver")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctglip_jax.data import organs, synthetic
-from ctglip_jax.data.findings import FINDINGS
+from ctglip_jax.data import organs
 from ctglip_jax.data.pipeline import PipelineConfig, RecordTransform
 from ctglip_jax.data.slots import hide_unseen_findings
+from ctglip_jax.phantom import synthetic
+from ctglip_jax.phantom.findings import FINDINGS
 
 LIVER, SPLEEN, KIDNEY = (organs.organ_id(n) for n in ("liver", "spleen", "kidney_left"))
 INDEX = {f.name: i for i, f in enumerate(FINDINGS)}

@@ -20,7 +20,7 @@ import scipy.ndimage as ndi
 from nibabel.testing import data_path
 
 from ctglip_jax.data import ct
-from ctglip_jax.data.augment import AIR_HU
+from ctglip_jax.data.augment import AIR_HU, window
 
 SHAPE = (14, 11, 9)
 SPACING = (0.8, 1.1, 2.5)  # anisotropic
@@ -170,11 +170,13 @@ def test_nearest_resampling_matches_scipy_and_keeps_ids():
 
 def test_window_hu():
     hu = np.array([-2000.0, -1150.0, -400.0, 350.0, 3000.0], np.float32)
-    out = ct.window_hu(hu)
+    out = window(hu)  # the default: fVLM's single window
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, np.clip((hu + 1150.0) / 1500.0, 0, 1), atol=1e-6)
+    ints = np.array([-2000, -1150, -400, 350, 3000], np.int16)  # stored volumes are int16
+    np.testing.assert_array_equal(window(ints), out)
     with pytest.raises(ValueError):
-        ct.window_hu(hu, 10.0, -10.0)
+        window(hu, 10.0, -10.0)
 
 
 @pytest.mark.parametrize(

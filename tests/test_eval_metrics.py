@@ -175,9 +175,9 @@ def test_finding_identity_against_sklearn():
     from sklearn.metrics import roc_auc_score
 
     from ctglip_jax.data import organs as org
-    from ctglip_jax.data.findings import FINDINGS
     from ctglip_jax.evaluators.zeroshot_abnormality import finding_identity
     from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
+    from ctglip_jax.phantom.findings import FINDINGS
 
     rng = np.random.default_rng(0)
     liver = org.organ_id("liver")

@@ -9,7 +9,7 @@ import ml_collections
 import pytest
 from test_eval_cli import tiny_config
 
-from ctglip_jax import config_lib, evals, evaluation, pretrained, train
+from ctglip_jax import config_lib, eval_inputs, evals, evaluation, pretrained, train
 from ctglip_jax.cli import main as cli_main
 from ctglip_jax.errors import ConfigError
 
@@ -69,9 +69,10 @@ def test_training_runs_the_configured_evaluators_on_schedule(tmp_path, tiny_bert
     assert lines[0]["organ/top5"] == pytest.approx(reference["top5"], abs=1e-6)
     assert not any(k.startswith(("abnormality/", "retrieval/")) for k in lines[0])  # every = 0: not here
     loaded = pretrained.load(workdir, step=2)
-    (spec,) = [s for s in evals.specs(loaded.config) if s.name == "organ"]
-    one = dict(evals.Evaluator(loaded.config, spec, workdir).run(loaded.params))  # the same, on its own
-    assert one["organ/top1"] == pytest.approx(reference["top1"], abs=1e-6) and set(one) <= set(lines[0])
+    inputs = eval_inputs.Inputs(eval_inputs.EvaluationData(loaded.config, "test", max_cases=3), workdir)
+    one = dict(evals.REGISTRY["organ"](loaded.config, inputs).run(loaded.params))  # the same, on its own
+    assert one["top1"] == pytest.approx(reference["top1"], abs=1e-6)
+    assert {f"organ/{k}" for k in one} <= set(lines[0])
     out = tmp_path / "eval"
     assert cli_main(["eval", "--workdir", str(workdir), "--out", str(out), "--max-cases", "3",
                      "--examples", "0"]) == 0
@@ -79,8 +80,30 @@ def test_training_runs_the_configured_evaluators_on_schedule(tmp_path, tiny_bert
     assert written["evaluators"] == ["organ", "abnormality", "retrieval"]  # `ctglip eval`: all, once
     assert written["organ_recognition"]["top1"] == pytest.approx(reference["top1"], abs=1e-6)
     saved = json.loads((workdir / "config.json").read_text())
+    for entry in saved["evals"].values():  # `ctglip eval` reads the data options of the config's evals
+        entry.update(max_cases=2, whole_scan=False)
+    (workdir / "config.json").write_text(json.dumps(saved))
+    assert cli_main(["eval", "--workdir", str(workdir), "--out", str(out), "--examples", "0"]) == 0
+    written = json.loads((out / "eval.json").read_text())
+    assert (written["num_cases"], written["protocol"]) == (2, "centre_crop")
+    assert cli_main(["eval", "--workdir", str(workdir), "--out", str(out), "--examples", "0",
+                     "--no-centre-crop", "--max-cases", "3"]) == 0  # the command line wins
+    written = json.loads((out / "eval.json").read_text())
+    assert (written["num_cases"], written["protocol"]) == (3, "whole_scan")
     saved["evals"]["organ"]["split"] = "validation"  # evaluators on two splits: `ctglip eval` needs --split
     (workdir / "config.json").write_text(json.dumps(saved))
     capsys.readouterr()
     assert cli_main(["eval", "--workdir", str(workdir), "--out", str(out)]) == 2
     assert "--split" in capsys.readouterr().err
+
+
+def test_eval_command_takes_the_one_value_the_configured_evaluators_share():
+    from ctglip_jax.commands.eval import _one
+    from ctglip_jax.errors import CTGlipInputError
+
+    a, b = evals.Spec("a", "organ", 0, "test", max_cases=3), evals.Spec("b", "retrieval", 0, "test")
+    assert _one([a, a], "max_cases", "--max-cases", None, None) == 3
+    assert _one([a, b], "max_cases", "--max-cases", 5, None) == 5  # the command line wins
+    assert _one([], "split", "--split", None, "test") == "test"
+    with pytest.raises(CTGlipInputError, match="--max-cases"):
+        _one([a, b], "max_cases", "--max-cases", None, None)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,8 +110,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_is_read_right():
     graph = import_graph()
-    assert "ctglip_jax.data.report_writer" in graph["ctglip_jax.data.phantom_dictionary"]
-    assert "ctglip_jax.data.findings" in graph["ctglip_jax.data.report_writer"]
+    assert "ctglip_jax.phantom.report_writer" in graph["ctglip_jax.phantom.dictionary"]
+    assert "ctglip_jax.phantom.findings" in graph["ctglip_jax.phantom.report_writer"]
     assert "ctglip_jax.eval_inputs" in graph["ctglip_jax.evaluation"]  # a module-top import
     assert "ctglip_jax.zeroshot" in graph["ctglip_jax.eval_inputs"]  # a function-local import
     assert "ctglip_jax.errors" in graph["tfds_builders.ctglip_nifti.grid"]
@@ -143,6 +146,36 @@ def test_no_import_cycles():
 
 def test_a_cycle_is_found():
     graph = import_graph()
-    graph["ctglip_jax.data.findings"].add("ctglip_jax.data.phantom_dictionary")
+    graph["ctglip_jax.phantom.findings"].add("ctglip_jax.phantom.dictionary")
     cycle = find_cycle(graph)
-    assert cycle is not None and "ctglip_jax.data.findings" in cycle
+    assert cycle is not None and "ctglip_jax.phantom.findings" in cycle
+
+
+# the phantom itself, its builder, and the demo and study that run on it
+PHANTOM_TOOLS = ("ctglip_jax.phantom", "ctglip_jax.demo", "ctglip_jax.study",
+                 "tfds_builders.ctglip_synthetic")
+
+
+def test_only_the_phantoms_own_tools_import_it_at_module_top():
+    """Elsewhere `ctglip_jax.phantom` is imported inside a function, behind a check that the dataset is the
+    phantom: a user's data must never reach its catalogue, dictionary or phrasing."""
+    modules = module_files()
+    offenders = {}
+    for module, path in modules.items():
+        if module.startswith(PHANTOM_TOOLS):
+            continue
+        for node in ast.parse(path.read_text()).body:  # module top only (not `if TYPE_CHECKING:`)
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.startswith("ctglip_jax.phantom") for n in names):
+                offenders.setdefault(module, []).extend(names)
+    assert not offenders
+
+
+def test_training_evaluation_and_inference_do_not_load_the_phantom():
+    code = ("import sys, ctglip_jax.train, ctglip_jax.evaluation, ctglip_jax.zeroshot, ctglip_jax.finetune, "
+            "ctglip_jax.cli; print(sorted(m for m in sys.modules if m.startswith('ctglip_jax.phantom')))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,8 +15,8 @@ from ctrate_fixture import write_ctrate_folder
 
 from ctglip_jax import config_lib, objective, train
 from ctglip_jax.cli import main as cli_main
-from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
 from ctglip_jax.data.reports import split_sentences
+from ctglip_jax.phantom.dictionary import abnormality_dictionary
 
 GRID = "grid_4x4x4_24x24x24_m4"
 

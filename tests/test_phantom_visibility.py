@@ -37,8 +37,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import organs, phantom_lesions, phantom_stats, synthetic
+from ctglip_jax.data import organs
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom import lesions as phantom_lesions
+from ctglip_jax.phantom import stats as phantom_stats
+from ctglip_jax.phantom import synthetic
 
 FLOOR_LOCALIZED = 1.5
 FLOOR_DIFFUSE = 1.0

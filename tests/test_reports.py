@@ -428,7 +428,7 @@ def test_full_report():
 
 def test_recovers_the_synthetic_writers_ground_truth():
     """The phantom's report writer says what each sentence meant; the parser must read it back."""
-    synthetic = pytest.importorskip("ctglip_jax.data.synthetic")
+    synthetic = pytest.importorskip("ctglip_jax.phantom.synthetic")
     config = synthetic.PhantomConfig()
     pairs = wrong = 0
     for seed in range(60):

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import organs, phantom_dictionary, synthetic
+from ctglip_jax.data import organs
 from ctglip_jax.errors import CTGlipInputError
+from ctglip_jax.phantom import dictionary as phantom_dictionary
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom import synthetic
 
 TINY = synthetic.PhantomConfig.preset("tiny")
 NO_FINDINGS = synthetic.PhantomConfig.preset("tiny", finding_prevalence=0.0)

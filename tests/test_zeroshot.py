@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import prompts as P
 from ctglip_jax.evaluators.retrieval import RetrievalEvaluator, retrieval_metrics
 from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator, abnormality_detection
+from ctglip_jax.evaluators.zeroshot_model import ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import (
     OrganEmbeddings,
     OrganRecognitionEvaluator,
     collect_organ_embeddings,
     organ_recognition,
 )
+from ctglip_jax.phantom.findings import FINDINGS, FINDINGS_BY_NAME
 
 DIM = 256
 LIVER, SPLEEN = organs.organ_id("liver"), organs.organ_id("spleen")
@@ -187,8 +187,8 @@ def test_pair_texts():
 
 
 def test_dictionary_pair_is_the_dictionary_split_into_finding_and_normal_texts():
-    from ctglip_jax.data.findings import finding_phrasings
-    from ctglip_jax.data.phantom_dictionary import abnormality_dictionary
+    from ctglip_jax.phantom.dictionary import abnormality_dictionary
+    from ctglip_jax.phantom.findings import finding_phrasings
 
     cyst = FINDINGS_BY_NAME["liver_cyst"]
     present, absent = P.finding_pair_texts(cyst, "liver", ("dictionary", "short"))
@@ -370,10 +370,10 @@ def test_evaluators_on_synthetic_phantoms_with_a_real_model():
     import json
 
     from ctglip_jax.data.augment import DEFAULT_WINDOW
-    from ctglip_jax.data.synthetic import PhantomConfig, generate_case
     from ctglip_jax.evaluators.zeroshot_abnormality import finding_organ_row
     from ctglip_jax.models import random_params
     from ctglip_jax.models.two_tower import dummy_inputs, two_tower
+    from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 
     lo, hi = DEFAULT_WINDOW
     cases = [generate_case(seed, PhantomConfig.preset("tiny", finding_prevalence=0.5)) for seed in range(3)]

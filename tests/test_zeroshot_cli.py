@@ -18,8 +18,8 @@ from ctglip_jax import pretrained, train, zeroshot
 from ctglip_jax.cli import main as cli_main
 from ctglip_jax.data import datasets, organs, scan
 from ctglip_jax.data.augment import DEFAULT_WINDOWS
-from ctglip_jax.data.findings import FINDINGS
-from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+from ctglip_jax.phantom.findings import FINDINGS
+from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 
 PRESET = "tiny"
 QUERIES = ["A liver cyst.", "The spleen."]

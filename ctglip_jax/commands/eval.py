@@ -4,8 +4,9 @@ Example:
     ctglip eval --workdir /tmp/ctglip_vit --evaluators organ,abnormality,retrieval
 
 Runs the evaluators of the workdir config's `evals` (evals.py; the three below unless configured: the ones
-training runs on its schedule), once. Reads the held-out split (default: theirs, `test`) of the dataset named
-in the workdir's config.json, every case.
+training runs on its schedule), once, with their split, protocol (`whole_scan`), `max_cases` and
+`batch_size` unless the command line gives them. Reads the held-out split (default: theirs, `test`) of the
+dataset named in the workdir's config.json, every case.
 Each organ is pooled over the whole stored volume with sliding windows of the training crop
 (`--centre-crop`: inside one centre crop of that size, the protocol before, for comparison). Runs
 zero-shot organ recognition (top-1/top-5, per organ, confusion matrix), zero-shot abnormality detection
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 
 from ctglip_jax import progress
+from ctglip_jax.errors import CTGlipInputError
 
 NAME = "eval"
 HELP = "zero-shot evaluation of a trained workdir (eval.json + plots)"
@@ -48,9 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", default=None, help="output folder (default: <workdir>/eval)")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="cases per device call (default: config)"
+        "--batch-size", type=int, default=None,
+        help="cases per device call (default: the config's `evals`, else its data batch size)",
     )
-    parser.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N cases")
+    parser.add_argument(
+        "--max-cases", type=int, default=None,
+        help="evaluate only the first N cases (default: the config's `evals`, else every case)",
+    )
     parser.add_argument("--examples", type=int, default=2, help="number of example overlay figures")
     parser.add_argument(
         "--labels",
@@ -67,10 +73,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--centre-crop",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="pool organs inside one centre crop of the training size (the protocol before whole-scan "
-        "evaluation, for comparison) instead of over the whole stored volume",
+        "evaluation, for comparison) instead of over the whole stored volume (default: the config's "
+        "`evals` whole_scan, else the whole volume)",
     )
+
+
+def _one(specs, field: str, flag: str, given, default):
+    """The command line's value, else the one value the configured evaluators share, else `default`."""
+    if given is not None:
+        return given
+    values = list(dict.fromkeys(getattr(s, field) for s in specs))
+    if len(values) > 1:
+        raise CTGlipInputError(flag, f"the config's evals differ in {field} ({values}): choose one")
+    return values[0] if values else default
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ctglip_jax import checkpoint, evals, evaluation, pretrained
-    from ctglip_jax.errors import CTGlipInputError
 
     start = time.perf_counter()
     if args.evaluators is not None:
@@ -93,14 +110,19 @@ def run(args: argparse.Namespace) -> int:
     config = pretrained.load_config(args.workdir)
     specs = evals.specs(config)  # the evaluators training ran (evals.py), here all once
     evaluators = evaluation.parse_evaluators(args.evaluators or [s.type for s in specs])
-    splits = {s.split for s in specs if s.type in evaluators}
-    if args.split is None and len(splits) > 1:
-        raise CTGlipInputError("--split", f"the config's evals read the splits {sorted(splits)}: choose one")
-    split = args.split or (splits.pop() if splits else "test")
-    step = checkpoint.checkpoint_step(args.workdir, args.step)
-    data = evaluation.EvaluationData(  # fail fast
-        config, split, args.batch_size, args.max_cases, whole_scan=not args.centre_crop
+    chosen = [s for s in specs if s.type in evaluators]
+    whole_scan_given = None if args.centre_crop is None else not args.centre_crop
+    split, whole_scan, max_cases, batch_size = (
+        _one(chosen, field, flag, given, default)
+        for field, flag, given, default in (
+            ("split", "--split", args.split, "test"),
+            ("whole_scan", "--centre-crop/--no-centre-crop", whole_scan_given, True),
+            ("max_cases", "--max-cases", args.max_cases, None),
+            ("batch_size", "--batch-size", args.batch_size, None),
+        )
     )
+    step = checkpoint.checkpoint_step(args.workdir, args.step)
+    data = evaluation.EvaluationData(config, split, batch_size, max_cases, whole_scan=whole_scan)  # fail fast
     out = Path(args.out) if args.out else Path(args.workdir) / "eval"
     progress.stderr(f"loading the model of {args.workdir} (step {step})")
     model = pretrained.load(args.workdir, step=step)

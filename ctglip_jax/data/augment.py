@@ -72,9 +72,14 @@ def crop_start(
     return start
 
 
-def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """HU -> [0, 1] linearly (lo -> 0, hi -> 1), clipped, float32."""
-    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+def window(hu, lo: float = DEFAULT_WINDOW[0], hi: float = DEFAULT_WINDOW[1]) -> np.ndarray:
+    """HU -> [0, 1] linearly (lo -> 0, hi -> 1), clipped, float32: the one HU window of the project
+    (training, evaluation, a user's scan, the preprocessing benchmark). In place on one float32 copy."""
+    if not hi > lo:
+        raise ValueError(f"HU window ({lo}, {hi}) must have hi > lo")
+    out = np.subtract(hu, np.float32(lo), dtype=np.float32)
+    out /= np.float32(hi - lo)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def apply_windows(hu: np.ndarray, windows: Sequence[Window]) -> np.ndarray:

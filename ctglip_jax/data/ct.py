@@ -1,4 +1,5 @@
-"""CT volumes: NIfTI / DICOM loading, canonical RAS+ orientation, resampling, HU windowing and cropping.
+"""CT volumes: NIfTI / DICOM loading, canonical RAS+ orientation, resampling and cropping (HU windows:
+`augment.window`).
 
 Every volume the project sees passes through `CTVolume`: float32 HU (or int16 label ids), voxel order
 canonical RAS+ (`nibabel.as_closest_canonical`), and the (4, 4) affine mapping voxel *centres* to world mm.
@@ -31,7 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.augment import AIR_HU, DEFAULT_WINDOW
+from ctglip_jax.data.augment import AIR_HU
 from ctglip_jax.errors import (
     CorruptFileError,
     CTGlipInputError,
@@ -412,15 +413,6 @@ def resample(vol: CTVolume, spacing, *, order: int = 1) -> CTVolume:
 
 # ----------------------------------------------------------------------------------------------------------
 # Intensity window and crops.
-
-
-def window_hu(data, lo: float = DEFAULT_WINDOW[0], hi: float = DEFAULT_WINDOW[1]) -> np.ndarray:
-    """Map HU linearly so that lo -> 0 and hi -> 1, clipped to [0, 1], as float32."""
-    if not hi > lo:
-        raise ValueError(f"window needs lo < hi, got ({lo}, {hi})")
-    out = np.subtract(data, np.float32(lo), dtype=np.float32)
-    out *= np.float32(1.0 / (hi - lo))
-    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _crop(vol: CTVolume, start: Sequence[int], shape: Sequence[int], pad_value) -> CTVolume:

@@ -191,7 +191,7 @@ def _builder_spacing(dataset: str, config_name: str | None, data_dir: str | None
     if hasattr(cfg, "preprocess"):
         return np.asarray(cfg.preprocess.spacing, np.float64), f"builder config {name} (preprocess.spacing)"
     if hasattr(cfg, "preset"):
-        from ctglip_jax.data.synthetic import PhantomConfig  # phantom runs only
+        from ctglip_jax.phantom.synthetic import PhantomConfig  # phantom runs only
 
         return np.asarray(PhantomConfig.preset(cfg.preset).spacing, np.float64), f"builder config {name}"
     return None, ""

@@ -39,6 +39,7 @@ from ctglip_jax import config_defaults
 from ctglip_jax.data import datasets, slots
 from ctglip_jax.data.augment import DEFAULT_WINDOW, AugmentConfig, augment
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.sharding import batch_sharding
 
 Tokenize = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 LABEL_KEYS = ("label_map", "tumor_mask", "label", "lesion_map")  # voxel-aligned: cropped like the volume
@@ -300,8 +301,6 @@ class InputPipeline:
         self._iterator = iter(self._dataset)
         self._sharding = None
         if mesh is not None:
-            from ctglip_jax.sharding import batch_sharding
-
             self._sharding = batch_sharding(mesh)
             check_batch_divides(cfg.batch_size, mesh)
 

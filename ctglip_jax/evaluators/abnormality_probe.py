@@ -7,23 +7,26 @@ organs that can hold it, fitted on one split and scored (AUC) on another, with t
 as the zero-shot evaluator. A large gap between probe and zero-shot AUC points at the text alignment (or the
 prompts), not the image tower.
 
-`summarise_by_kind` splits any per-finding AUC table into focal lesions and the rest (diffuse change,
-enlargement, fluid, wall thickening): focal lesions in small synthetic volumes are a few dozen voxels,
-and the two groups behave differently enough that one macro average hides what the model learnt.
+`summarise_by_kind` (zeroshot_abnormality.py) splits any per-finding AUC table into focal lesions and the
+rest (diffuse change, enlargement, fluid, wall thickening): focal lesions in small synthetic volumes are a
+few dozen voxels, and the two groups behave differently enough that one macro average hides what the model
+learnt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, FINDINGS_BY_NAME, Finding
 from ctglip_jax.evaluators import metrics as M
-from ctglip_jax.evaluators.zeroshot_abnormality import sample_labels
+from ctglip_jax.evaluators.zeroshot_abnormality import phantom_catalogue, sample_labels, summarise_by_kind
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings
+
+if TYPE_CHECKING:
+    from ctglip_jax.phantom.findings import Finding
 
 MIN_TRAIN_POSITIVES = 3
 
@@ -42,8 +45,8 @@ def _samples(data: OrganEmbeddings, finding: Finding, column: int) -> tuple[np.n
 def abnormality_probe(
     train: OrganEmbeddings,
     test: OrganEmbeddings,
-    findings: Sequence[Finding] = FINDINGS,
-    catalogue: Sequence[Finding] = FINDINGS,
+    findings: Sequence[Finding] | None = None,
+    catalogue: Sequence[Finding] | None = None,
     *,
     l2: float = 1.0,
 ) -> dict[str, Any]:
@@ -53,6 +56,8 @@ def abnormality_probe(
     fewer than `MIN_TRAIN_POSITIVES` training positives, or one class in the test split, is `skipped`.
     """
     from sklearn.linear_model import LogisticRegression  # scikit-learn is slow to import
+
+    findings, catalogue = phantom_catalogue(findings), phantom_catalogue(catalogue)
 
     for name, data in (("train", train), ("test", test)):
         if "finding_organ" not in data.extras:
@@ -84,13 +89,3 @@ def abnormality_probe(
         "skipped": skipped,
         **{f"auc_{k}": v for k, v in summarise_by_kind(per_finding).items()},
     })
-
-
-def summarise_by_kind(per_finding: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
-    """Macro AUC over focal findings and over the rest: `{"focal": ..., "nonfocal": ...}`."""
-    groups: dict[str, list[float]] = {"focal": [], "nonfocal": []}
-    for name, row in per_finding.items():
-        kind = FINDINGS_BY_NAME[name].kind if name in FINDINGS_BY_NAME else None
-        if kind is not None and row.get("auc") is not None:
-            groups["focal" if kind == "focal" else "nonfocal"].append(float(row["auc"]))
-    return {k: (float(np.mean(v)) if v else None) for k, v in groups.items()}

@@ -14,15 +14,9 @@ API:
   for every evaluable finding and organ, by `default_prompts`; `normal_statements(organ_name)` gives
   the organ's normal statements of the abnormality dictionary. Embed each side with
   `prompts.ensemble_embeddings` and pass the vectors to `pair_probability_fn(pairs, logit_scale)`.
-
-The orchestration, for reference:
-
-    labels = read_labels(path, read_spec(spec_path) if spec_path else None)
-    pairs = prompt_pairs(labels.findings, normal_statements)
-    keys = list(pairs)
-    vectors = ensemble_embeddings(encoder, [group for k in keys for group in pairs[k]])
-    fn = pair_probability_fn({k: (vectors[2 * i], vectors[2 * i + 1]) for i, k in enumerate(keys)}, scale)
-    result = score_organ_embeddings(labels, organ_embeddings, fn)
+- `score_with_prompts(model, params, labels, data, normal_statements)`: all of it with a `ZeroShotModel`:
+  `prompt_pairs`, each side ensembled (`prompts.ensemble_embeddings`), `pair_probability_fn` at the
+  model's logit scale, `score_organ_embeddings`; the pairs and the scale are kept in the result.
 
 Samples and labels:
 
@@ -56,7 +50,7 @@ import numpy as np
 from ctglip_jax.data import organs
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.labels import FindingSpec, LabelFileError, Labels
-from ctglip_jax.evaluators.zeroshot_abnormality import pair_probabilities
+from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings, pair_probabilities
 
 ProbabilityFn = Callable[[str, int, np.ndarray], np.ndarray]
 NUM_ORGANS = organs.NUM_CLASSES
@@ -70,7 +64,7 @@ APPROXIMATION = (
 def pair_probability_fn(
     pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]], logit_scale: float
 ) -> ProbabilityFn:
-    """P(present) = softmax over the (present, absent) pair, as `zeroshot_abnormality.pair_probabilities`."""
+    """P(present) = softmax over the (present, absent) pair, as `prompts.pair_probabilities`."""
     def probabilities(finding: str, organ_id: int, embeddings: np.ndarray) -> np.ndarray:
         present, absent = pair_embeddings[(finding, organ_id)]
         return pair_probabilities(embeddings, present, absent, logit_scale)
@@ -88,6 +82,26 @@ def prompt_pairs(
         if f.evaluable
         for organ in f.organs
     }
+
+
+def score_with_prompts(
+    model, params: Any, labels: Labels, data, normal_statements: Callable[[str], Sequence[str]]
+) -> dict[str, Any]:
+    """`score_organ_embeddings` of `data` with the prompt pairs of `prompt_pairs`, each side an ensemble
+    embedded by `model` (a `ZeroShotModel`), P(present) the softmax over the pair at its logit scale."""
+    pairs = prompt_pairs(labels.findings, normal_statements)
+    keys = list(pairs)
+    encoder = TextEncoder(model.text_features, model.project_text, params)
+    vectors = ensemble_embeddings(encoder, [group for k in keys for group in pairs[k]]) if keys else []
+    scale = float(np.asarray(model.logit_scale(params)))
+    fn = pair_probability_fn({k: (vectors[2 * i], vectors[2 * i + 1]) for i, k in enumerate(keys)}, scale)
+    result = score_organ_embeddings(labels, data, fn)
+    names = organs.v1_names()
+    result["prompts"] = {
+        f"{name}/{names[oid]}": {"present": p, "absent": a} for (name, oid), (p, a) in pairs.items()
+    }
+    result["logit_scale"] = scale
+    return result
 
 
 def _sentence_case(text: str) -> tuple[str, str]:

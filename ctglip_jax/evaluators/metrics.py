@@ -23,7 +23,7 @@ Conventions (chosen, and what the tests pin):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -259,3 +259,11 @@ def json_ready(value: Any) -> Any:
     if isinstance(value, (np.floating, float)):
         return float(value) if math.isfinite(value) else None
     return value
+
+
+def scalars(section: Mapping[str, Any]) -> Iterator[tuple[str, float]]:
+    """`(key, value)` of the plain numbers of one evaluator's result (what a training log can plot; lists,
+    tables, flags and a skipped evaluator's reason carry none)."""
+    for key, value in section.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield key, float(value)

@@ -81,7 +81,7 @@ def finding_pair_texts(
 ) -> tuple[list[str], list[str]]:
     """`(present texts, absent texts)` for one finding in one organ, one text per template pair.
 
-    `finding`: a `data.findings.Finding` or its prompt text ("a liver cyst"). A template is a key of
+    `finding`: a `phantom.findings.Finding` or its prompt text ("a liver cyst"). A template is a key of
     `PAIR_TEMPLATES`, a `(present, absent)` tuple of format strings using {finding}, {Finding},
     {finding_bare} (article dropped) and {organ}, or "dictionary" (needs a `Finding`): all the dictionary's
     phrasings of the finding in that organ against all its normal statements about the organ.
@@ -100,8 +100,8 @@ def finding_pair_texts(
         if template == DICTIONARY_TEMPLATE:
             if isinstance(finding, str):
                 raise ConfigError("abnormality templates", "the 'dictionary' pair needs a Finding, not text")
-            from ctglip_jax.data.findings import finding_phrasings  # phantom runs only
-            from ctglip_jax.data.phantom_dictionary import normal_phrasings  # phantom runs only
+            from ctglip_jax.phantom.dictionary import normal_phrasings  # phantom runs only
+            from ctglip_jax.phantom.findings import finding_phrasings  # phantom runs only
 
             present += finding_phrasings(finding, organ_name)
             absent += normal_phrasings(organ_name)
@@ -175,3 +175,14 @@ class TextEncoder:
             for i in range(0, len(padded), self.batch_size)
         ]
         return (np.concatenate(out) if out else np.zeros((0, 0), np.float32))[:n]
+
+
+def pair_probabilities(
+    embeddings: np.ndarray, present: np.ndarray, absent: np.ndarray, logit_scale: float
+) -> np.ndarray:
+    """P(present) from the softmax over the pair: `(N, E)` embeddings, `(E,)` text vectors."""
+    # Row-wise sums (not a BLAS mat-vec, whose rounding can depend on the row's position): identical
+    # embeddings must get identical probabilities, or ties would be broken by float noise.
+    direction = np.asarray(present, np.float64) - np.asarray(absent, np.float64)
+    margin = float(logit_scale) * np.sum(np.asarray(embeddings, np.float64) * direction, axis=-1)
+    return 1.0 / (1.0 + np.exp(-np.clip(margin, -80.0, 80.0)))

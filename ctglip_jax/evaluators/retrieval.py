@@ -6,6 +6,7 @@ prompt (`texts="prompt"`). Relevance is *text identity*: synthetic and real repo
 phrasings ("The spleen is unremarkable."), and retrieving another case's identical sentence is correct, so
 every item with the same text (for prompts: the same organ) is relevant. R@k counts a query as a hit when
 any relevant item is among its top k, ties broken against the query (`metrics.recall_at_k`).
+`Evaluator` is the `config.evals` entry of type `retrieval` (evals.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.prompts import ORGAN_TEMPLATES, TextEncoder
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import pad_rows
 
 
@@ -117,3 +118,35 @@ class RetrievalEvaluator:
         result = retrieval_metrics(image_emb, text_emb, texts, self.ks)
         result["texts"] = self.texts
         return result
+
+
+class Evaluator(SectionEvaluator):
+    """`config.evals.<name> = {"type": "retrieval"}`: organ report sentence <-> organ image retrieval. On the
+    organ embeddings `inputs` (an `eval_inputs.Inputs`) shares when they are pooled anyway (whole scan, or
+    for another evaluator of the split), else on the centre crops' organ slots."""
+
+    section = "retrieval"
+
+    def __init__(self, config, inputs):
+        self.inputs = inputs
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.inputs.data.whole_scan
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        """Its eval.json sections."""
+        data = self.inputs.data
+        if not {"label_map", "organ_abnormal", "organ_text"} <= data.record_keys:
+            skipped = f"{data.name} records have no organ label map and organ-level text"
+            return {self.section: {"skipped": skipped}}
+        try:
+            retrieval = RetrievalEvaluator(self.inputs.model(params), texts="report")
+            if self.needs_embeddings or self.inputs.pooled(params):
+                return {self.section: retrieval.run_on_embeddings(params, self.inputs.embeddings(params))}
+            return {self.section: retrieval.run(params, self.inputs.batches())}
+        except ConfigError as e:  # e.g. a dataset without reports
+            return {self.section: {"skipped": e.problem}}
+
+    def line(self, r: Mapping[str, Any]) -> str:
+        return f"  retrieval: image->text R@1 {r['image_to_text/R@1']}"

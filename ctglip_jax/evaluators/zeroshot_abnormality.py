@@ -1,9 +1,9 @@
 """Zero-shot abnormality detection: per finding, a (present, absent) prompt pair scored on organ embeddings.
 
-For finding f (from `data.findings.FINDINGS`) and each organ o it can occur in, the embedding of organ o in a
-case is compared with the pair's two text embeddings; a softmax over the pair, with the model's logit
-scale, gives P(present) = sigmoid(scale * (e·t_present - e·t_absent)). Several template pairs form an
-ensemble (each side averaged and renormalised, see `prompts.py`).
+For finding f (from the phantom's catalogue, `phantom.findings.FINDINGS`, by default) and each organ o it can
+occur in, the embedding of organ o in a case is compared with the pair's two text embeddings; a softmax over
+the pair, with the model's logit scale, gives P(present) = sigmoid(scale * (e·t_present - e·t_absent)).
+Several template pairs form an ensemble (each side averaged and renormalised, see `prompts.py`).
 
 Labels: a sample (case, finding, organ) is positive when the finding lies in *that organ* of that case.
 Batches give this as `finding_organ` `(B, F)`: the v1 id of the organ holding finding f, 0 when absent
@@ -24,30 +24,47 @@ the reason and left out of every average, never averaged in as NaN.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ctglip_jax import config_defaults
 from ctglip_jax.data import organs
-from ctglip_jax.data.findings import FINDINGS, Finding
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
+from ctglip_jax.evaluators.label_scoring import score_with_prompts
 from ctglip_jax.evaluators.prompts import (
     DEFAULT_PAIR_TEMPLATES,
     TextEncoder,
     ensemble_embeddings,
     finding_pair_texts,
+    pair_probabilities,
 )
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 from ctglip_jax.evaluators.zeroshot_organ import OrganEmbeddings, collect_organ_embeddings
+
+if TYPE_CHECKING:
+    from ctglip_jax.phantom.findings import Finding
 
 UNKNOWN_ORGAN = -1  # finding present in the case, organ not recorded
 
 
+def phantom_catalogue(given: Sequence[Finding] | None = None) -> Sequence[Finding]:
+    """`given`, else the phantom's finding catalogue: the label columns of the phantom's records (no other
+    dataset has them), the default `findings` and `catalogue` below. Imported on first use, so user data
+    never loads the phantom."""
+    if given is not None:
+        return given
+    from ctglip_jax.phantom.findings import FINDINGS  # phantom runs only
+
+    return FINDINGS
+
+
 def finding_organ_from_case_labels(
-    finding_labels: np.ndarray, findings: Sequence[Finding] = FINDINGS
+    finding_labels: np.ndarray, findings: Sequence[Finding] | None = None
 ) -> np.ndarray:
     """`(N, F)` organ ids from case-level flags: the organ for single-organ findings, else UNKNOWN_ORGAN."""
+    findings = phantom_catalogue(findings)
     finding_labels = np.asarray(finding_labels)
     out = np.zeros(finding_labels.shape, np.int32)
     for f, finding in enumerate(findings):
@@ -57,10 +74,11 @@ def finding_organ_from_case_labels(
 
 
 def finding_organ_row(
-    case_findings: Sequence[Mapping[str, Any]], catalogue: Sequence[Finding] = FINDINGS
+    case_findings: Sequence[Mapping[str, Any]], catalogue: Sequence[Finding] | None = None
 ) -> np.ndarray:
     """`(F,)` int32 organ id per catalogue finding (0 = absent) from a synthetic case's `findings` list
     (dicts with `name` and `organ`): the organ-level labels a dataset record should carry."""
+    catalogue = phantom_catalogue(catalogue)
     column = {f.name: i for i, f in enumerate(catalogue)}
     row = np.zeros(len(catalogue), np.int32)
     for finding in case_findings:
@@ -79,29 +97,19 @@ def sample_labels(
     return located | (unknown & (np.asarray(organ_abnormal)[:, organ_id - 1] == 1))
 
 
-def pair_probabilities(
-    embeddings: np.ndarray, present: np.ndarray, absent: np.ndarray, logit_scale: float
-) -> np.ndarray:
-    """P(present) from the softmax over the pair: `(N, E)` embeddings, `(E,)` text vectors."""
-    # Row-wise sums (not a BLAS mat-vec, whose rounding can depend on the row's position): identical
-    # embeddings must get identical probabilities, or ties would be broken by float noise.
-    direction = np.asarray(present, np.float64) - np.asarray(absent, np.float64)
-    margin = float(logit_scale) * np.sum(np.asarray(embeddings, np.float64) * direction, axis=-1)
-    return 1.0 / (1.0 + np.exp(-np.clip(margin, -80.0, 80.0)))
-
-
 def abnormality_detection(
     data: OrganEmbeddings,
     pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]],
     logit_scale: float,
-    findings: Sequence[Finding] = FINDINGS,
-    catalogue: Sequence[Finding] = FINDINGS,
+    findings: Sequence[Finding] | None = None,
+    catalogue: Sequence[Finding] | None = None,
 ) -> dict[str, Any]:
     """Metrics from precomputed organ embeddings and `{(finding name, organ id): (present, absent)}`.
 
     Label columns (`finding_organ`, `finding_labels`) follow `catalogue` (the dataset's finding list);
     `findings` (a subset of it) are the ones evaluated.
     """
+    findings, catalogue = phantom_catalogue(findings), phantom_catalogue(catalogue)
     column = {f.name: i for i, f in enumerate(catalogue)}
     missing = [f.name for f in findings if f.name not in column]
     if missing:
@@ -174,8 +182,8 @@ def finding_identity(
     data: OrganEmbeddings,
     pair_embeddings: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]],
     logit_scale: float,
-    findings: Sequence[Finding] = FINDINGS,
-    catalogue: Sequence[Finding] = FINDINGS,
+    findings: Sequence[Finding] | None = None,
+    catalogue: Sequence[Finding] | None = None,
 ) -> dict[str, Any]:
     """Which abnormality, not only whether: per organ with several catalogue findings, over the cases where
     that organ holds one of them, P(f) = softmax over the organ's findings' "present" prompts (model's scale);
@@ -183,6 +191,7 @@ def finding_identity(
 
     Needs organ-level labels (`finding_organ`). A finding with no positive or negative case is skipped.
     """
+    findings, catalogue = phantom_catalogue(findings), phantom_catalogue(catalogue)
     if "finding_organ" not in data.extras:
         return {"skipped": "needs organ-level finding labels (finding_organ)"}
     column = {f.name: i for i, f in enumerate(catalogue)}
@@ -227,16 +236,19 @@ def finding_identity(
 class AbnormalityEvaluator:
     """Zero-shot abnormality detection with paired prompts (template pairs configurable, ensembled)."""
 
+
     def __init__(
         self,
         model: ZeroShotModel,
         *,
         templates: Sequence[str | tuple[str, str]] = DEFAULT_PAIR_TEMPLATES,
-        findings: Sequence[Finding] = FINDINGS,
-        catalogue: Sequence[Finding] = FINDINGS,
+        findings: Sequence[Finding] | None = None,
+        catalogue: Sequence[Finding] | None = None,
         min_voxels: int = 8,
     ):
-        """`findings`: those evaluated; `catalogue`: the finding list the data's label columns follow."""
+        """`findings`: those evaluated; `catalogue`: the finding list the data's label columns follow (both
+        the phantom's catalogue by default)."""
+        findings, catalogue = phantom_catalogue(findings), phantom_catalogue(catalogue)
         self.model = model
         self.catalogue = tuple(catalogue)
         self.templates = tuple(templates)
@@ -270,3 +282,77 @@ class AbnormalityEvaluator:
         result["templates"] = [t if isinstance(t, str) else list(t) for t in self.templates]
         result["logit_scale"] = scale
         return result
+
+
+def summarise_by_kind(per_finding: Mapping[str, Mapping[str, Any]]) -> dict[str, float | None]:
+    """Macro AUC over focal findings and over the rest: `{"focal": ..., "nonfocal": ...}`."""
+    by_name = {f.name: f for f in phantom_catalogue()}
+    groups: dict[str, list[float]] = {"focal": [], "nonfocal": []}
+    for name, row in per_finding.items():
+        kind = by_name[name].kind if name in by_name else None
+        if kind is not None and row.get("auc") is not None:
+            groups["focal" if kind == "focal" else "nonfocal"].append(float(row["auc"]))
+    return {k: (float(np.mean(v)) if v else None) for k, v in groups.items()}
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+class Evaluator(SectionEvaluator):
+    """`config.evals.<name> = {"type": "abnormality"}`: zero-shot abnormality detection on the organ
+    embeddings `inputs` (an `eval_inputs.Inputs`) shares, scored on the dataset's own finding labels (the
+    phantom's catalogue), or with `labels` (`labels.read_labels`) on the user's labels plus
+    `any_abnormality`. `templates`: prompt-pair sets; the first is `abnormality_detection`, each one's
+    summary is in `abnormality_by_template`."""
+
+    section = "abnormality_detection"
+
+    def __init__(self, config, inputs, *, templates: Sequence[Sequence[str | tuple[str, str]]] | None = None,
+                 labels=None):
+        self.inputs, self.labels = inputs, labels
+        self.templates = list(templates or [None])
+        self.min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        """Its eval.json sections."""
+        data = self.inputs.data
+        if "label_map" not in data.record_keys:
+            return {self.section: {"skipped": f"{data.name} records have no organ label map"}}
+        embeddings, model = self.inputs.embeddings(params), self.inputs.model(params)
+        if self.labels is not None:
+            normal = self.inputs.normal_statements(params)
+            r = score_with_prompts(model, params, self.labels, embeddings, normal)
+            any_abnormality = {k: r["any_abnormality"].get(k) for k in ("auc", "f1", "positives", "n")}
+            return {self.section: r, "any_abnormality": any_abnormality}
+        labels = embeddings.extras.get("finding_organ", embeddings.extras.get("finding_labels"))
+        catalogue = phantom_catalogue()  # only the phantom's records carry finding labels
+        if labels is None or np.shape(labels)[-1] != len(catalogue):
+            return {self.section: {
+                "skipped": f"{data.name} has no finding labels over the {len(catalogue)}-finding catalogue: "
+                "score your own labels with --labels FILE"
+            }}
+        first, by_template = None, {}
+        for templates in self.templates:
+            kw = {} if templates is None else {"templates": tuple(templates)}
+            r = AbnormalityEvaluator(model, min_voxels=self.min_voxels, **kw).run(params, embeddings)
+            by_template["+".join(map(str, r["templates"]))] = {
+                "auc_macro": r["auc_macro"], "f1_macro": r["f1_macro"],
+                "identity_auc_macro": r["finding_identity"].get("auc_macro"),
+                **{f"auc_{k}": v for k, v in summarise_by_kind(r["per_finding"]).items()},
+            }
+            first = first or r
+        return {self.section: first, "abnormality_by_template": by_template}
+
+    def line(self, r: Mapping[str, Any]) -> str:
+        line = (
+            f"AUC macro {_fmt(r['auc_macro'])}, F1 macro {_fmt(r['f1_macro'])} over "
+            f"{r['num_findings_evaluated']} finding(s), {len(r['skipped'])} skipped"
+        )
+        if self.labels is None:
+            return f"  abnormality detection: {line}"
+        return (
+            f"  abnormality detection ({self.labels.source}): {line}; any abnormality AUC "
+            f"{_fmt(r['any_abnormality'].get('auc'))}; {r.get('num_cases_left_out', 0)} case(s) not in the "
+            "labels file"
+        )

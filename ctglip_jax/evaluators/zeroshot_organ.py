@@ -7,7 +7,7 @@ organs; we report top-1/top-5 accuracy over all organ instances, per-organ accur
 matrix (rows = true organ, columns = predicted organ, both indexed by v1 id - 1).
 
 `collect_organ_embeddings` is shared with the abnormality evaluator: run it once and pass the result to
-both to pay for one pass over the data.
+both to pay for one pass over the data. `Evaluator` is the `config.evals` entry of type `organ` (evals.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from ctglip_jax import config_defaults
 from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.evaluators import ZeroShotModel
 from ctglip_jax.evaluators import metrics as M
 from ctglip_jax.evaluators.prompts import (
     ORGAN_TEMPLATES,
@@ -29,6 +29,7 @@ from ctglip_jax.evaluators.prompts import (
     ensemble_embeddings,
     organ_prompt_groups,
 )
+from ctglip_jax.evaluators.zeroshot_model import SectionEvaluator, ZeroShotModel
 
 NUM_ORGANS = organs.NUM_CLASSES
 # Per-case keys carried along with the embeddings (labels for the abnormality evaluator, ids for reports).
@@ -190,3 +191,27 @@ class OrganRecognitionEvaluator:
         result = organ_recognition(data, self.prompt_embeddings(params), self.candidate_ids, self.ks)
         result["templates"] = list(self.templates)
         return result
+
+
+class Evaluator(SectionEvaluator):
+    """`config.evals.<name> = {"type": "organ"}`: organ recognition over the run's prompt template, on the
+    organ embeddings `inputs` (an `eval_inputs.Inputs`) shares with the other evaluators of its split."""
+
+    section = "organ_recognition"  # its eval.json key
+
+    def __init__(self, config, inputs):
+        self.inputs = inputs
+        self.template = config_defaults.value(config, "text.prompt")
+        self.min_voxels = int(config_defaults.value(config, "data.min_organ_voxels"))
+
+    def evaluate(self, params: Any) -> dict[str, Any]:
+        """Its eval.json sections."""
+        data = self.inputs.data
+        if "label_map" not in data.record_keys:  # e.g. a tumour dataset without organ label maps
+            return {self.section: {"skipped": f"{data.name} records have no organ label map"}}
+        model = self.inputs.model(params)
+        evaluator = OrganRecognitionEvaluator(model, templates=(self.template,), min_voxels=self.min_voxels)
+        return {self.section: evaluator.run(params, self.inputs.embeddings(params))}
+
+    def line(self, r: Mapping[str, Any]) -> str:
+        return f"  organ recognition: top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f}"

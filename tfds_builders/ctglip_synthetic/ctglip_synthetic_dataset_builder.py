@@ -1,7 +1,7 @@
 """`ctglip_synthetic`: the embedded full-body phantom dataset (CT volume, organ label map, report).
 
 No real patient data is reachable from this project's machines, so the default training and test data is
-generated: `ctglip_jax.data.synthetic.generate_case(seed, PhantomConfig.preset(...))`. Each config fixes
+generated: `ctglip_jax.phantom.synthetic.generate_case(seed, PhantomConfig.preset(...))`. Each config fixes
 the phantom preset, the case counts per split and a seed; case `i` always gets the seed derived from
 `(config.seed, i)` and belongs to exactly one split (patient-level splits), so the same config builds
 byte-identical records on any machine.
@@ -75,12 +75,12 @@ class Builder(BuildsCases, tfds.core.GeneratorBasedBuilder):
     ]
 
     def _phantom_config(self):
-        from ctglip_jax.data.synthetic import PhantomConfig
+        from ctglip_jax.phantom.synthetic import PhantomConfig
 
         return PhantomConfig.preset(self.builder_config.preset)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        from ctglip_jax.data.findings import FINDINGS
+        from ctglip_jax.phantom.findings import FINDINGS
 
         phantom = self._phantom_config()
         shape = tuple(int(s) for s in phantom.shape)
@@ -127,8 +127,8 @@ def phantom_id(index: int, config: SyntheticConfig) -> str:
 def phantom_example(index: int, config: SyntheticConfig) -> dict:
     """Phantom `index` of the config as a record (module level: Beam pickles it to its workers)."""
     from ctglip_jax.data import organs
-    from ctglip_jax.data.findings import FINDINGS
-    from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+    from ctglip_jax.phantom.findings import FINDINGS
+    from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 
     finding_index = {f.name: i for i, f in enumerate(FINDINGS)}
     case = generate_case(case_seed(config.seed, index), PhantomConfig.preset(config.preset))

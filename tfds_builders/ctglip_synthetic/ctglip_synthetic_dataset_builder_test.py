@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ctglip_jax.data import datasets, organs
-from ctglip_jax.data.findings import FINDINGS
-from ctglip_jax.data.synthetic import PhantomConfig, generate_case
+from ctglip_jax.phantom.findings import FINDINGS
+from ctglip_jax.phantom.synthetic import PhantomConfig, generate_case
 from tfds_builders.ctglip_synthetic.ctglip_synthetic_dataset_builder import Builder, case_seed
 
 SPLITS = ("train", "validation", "test")

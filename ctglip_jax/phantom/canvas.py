@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ctglip_jax.data import findings as fcat
+from ctglip_jax.phantom import findings as fcat
 
 CANON_EXTENT = np.array([384.0, 308.0, 672.0])  # canonical field of view, mm
 CANON_CENTER = np.array([0.0, 0.0, 336.0])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from ctglip_jax.data import findings as fcat
 from ctglip_jax.data import organs
-from ctglip_jax.data.phantom_canvas import HU, Canvas, ellipsoid
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom.canvas import HU, Canvas, ellipsoid
 
 _CATALOGUE_INDEX = {f.name: i for i, f in enumerate(fcat.FINDINGS)}
 

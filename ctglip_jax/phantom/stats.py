@@ -31,9 +31,9 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from ctglip_jax.data import findings as fcat
 from ctglip_jax.data import organs
 from ctglip_jax.data.augment import DEFAULT_WINDOWS, apply_windows
+from ctglip_jax.phantom import findings as fcat
 
 LOCALIZED = ("focal", "fluid", "wall")
 FAT_REFERENCE = ("adrenal_nodule",)  # measured against the fat round them (see the module docstring)

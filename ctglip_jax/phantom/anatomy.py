@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ctglip_jax.data import findings as fcat
 from ctglip_jax.data import organs
-from ctglip_jax.data.phantom_canvas import BONES, HU, Canvas, Shape, clipped, ellipsoid, tube
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom.canvas import BONES, HU, Canvas, Shape, clipped, ellipsoid, tube
 
 # ----------------------------------------------------------------------------------------------------
 # Anatomy

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ctglip_jax.data import findings as fcat
+from ctglip_jax.phantom import findings as fcat
 
 
 @dataclasses.dataclass(frozen=True)

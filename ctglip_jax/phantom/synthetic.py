@@ -33,11 +33,14 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
-from ctglip_jax.data import findings as fcat
-from ctglip_jax.data import organs, phantom_anatomy, phantom_lesions, report_writer
-from ctglip_jax.data.phantom_anatomy import smooth_field
-from ctglip_jax.data.phantom_canvas import HU, Canvas
+from ctglip_jax.data import organs
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.phantom import anatomy as phantom_anatomy
+from ctglip_jax.phantom import findings as fcat
+from ctglip_jax.phantom import lesions as phantom_lesions
+from ctglip_jax.phantom import report_writer
+from ctglip_jax.phantom.anatomy import smooth_field
+from ctglip_jax.phantom.canvas import HU, Canvas
 
 _PRESETS = {
     "tiny": dict(shape=(48, 48, 64), spacing=(8.0, 6.5, 10.5)),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 
-from ctglip_jax.data import organs, report_writer
-from ctglip_jax.data.findings import FINDINGS, finding_phrasings, organ_text
+from ctglip_jax.data import organs
+from ctglip_jax.phantom import report_writer
+from ctglip_jax.phantom.findings import FINDINGS, finding_phrasings, organ_text
 
 _NORMAL_GENERIC = ("The {organ} is unremarkable.", "The {organ} is normal.", "No abnormality of the {organ}.")
 
