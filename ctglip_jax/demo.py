@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import nibabel as nib
@@ -152,6 +153,7 @@ def evaluate(
     seg_head: str = "linear",
     say: Callable[[str], None] = _say,
     whole_scan: bool = True,
+    seg_options: Mapping[str, Any] | None = None,
 ) -> dict:
     """OR / AD zero-shot on the test split; TD (linear probe) and TS (segmentation on the encoder, by
     default a linear probe on the frozen tokens) trained on train, scored on test. Shared with the study.
@@ -160,6 +162,8 @@ def evaluate(
     AD is scored with two prompt pairs: `ad/` the evaluator's default ("X." / "Not X."), `ad_dict/` the
     abnormality dictionary's phrasings against the organ's normal statements; `ad_probe/` is a linear
     probe on the organ embeddings (train -> test), what the image side holds whatever the text side says.
+    `seg_options` go to `finetune.run_segmentation` (batch_size, lr, crop); with `seg_mode="full"` the
+    frozen-encoder probe runs too, as the second TS row (`ts_probe/dice`).
     """
     quiet = lambda message: None  # noqa: E731 - one summary line per model is printed instead
     test_embeddings = []
@@ -187,13 +191,21 @@ def evaluate(
         (out / "abnormality_probe.json").write_text(json.dumps(probe, indent=2))
         row.update({f"ad_probe/{k}": probe[k] for k in ("auc_macro", "auc_focal", "auc_nonfocal")})
     td = finetune.run_detection(model, mode="probe", seed=seed, log=quiet)
+    seg_options = dict(seg_options or {})
     ts = finetune.run_segmentation(
-        model, mode=seg_mode, head=seg_head, steps=seg_steps, seed=seed, overlap=0.0, log=quiet
+        model, mode=seg_mode, head=seg_head, steps=seg_steps, seed=seed, overlap=0.0, log=quiet, **seg_options
     )
     finetune.write_result(td, out)
     finetune.write_result(ts, out)
     row["td/auc"] = td["metrics"]["auc"]
     row["ts/dice"] = ts["metrics"]["dice"]
+    if seg_mode == "full":  # the frozen-encoder probe as the second row (written beside, its own file)
+        probe = finetune.run_segmentation(
+            model, mode="probe", head="linear", steps=seg_steps, seed=seed, overlap=0.0, log=quiet,
+            **{k: v for k, v in seg_options.items() if k != "lr"},
+        )
+        finetune.write_result(probe, out / "probe")
+        row["ts_probe/dice"] = probe["metrics"]["dice"]
     say(
         f"    OR top-1 {row['or/top1']:.3f} | AD F1 {_fmt(row['ad/f1_macro'])} "
         f"AUC {_fmt(row['ad/auc_macro'])} | AD (dictionary) F1 {_fmt(row['ad_dict/f1_macro'])} "

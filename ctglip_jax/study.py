@@ -46,6 +46,7 @@ DETAIL_METRICS = (  # the second table: AD AUC split into focal lesions and the 
     ("finding identity AUC (dict.)", "ad_dict/identity_auc_macro"),
     ("probe focal", "ad_probe/auc_focal"),
     ("probe non-focal", "ad_probe/auc_nonfocal"),
+    ("TS Dice (frozen probe)", "ts_probe/dice"),  # with --seg-mode full: the TS probe as a second row
 )
 RESULT_FILE = "result.json"
 
@@ -67,7 +68,15 @@ class StudySettings:
     seg_mode: str = "probe"  # frozen encoder: TS measures the pretrained features, not the fine-tune
     seg_head: str = "linear"
     seg_steps: int = 300
+    seg_batch_size: int = 2
+    seg_lr: float | None = None  # None: finetune's default for the mode
+    seg_crop: tuple[int, int, int] | None = None  # None: the pretraining crop
     config_overrides: tuple[str, ...] = ()  # appended to every run's, e.g. "--config.text.model_dir=..."
+
+    def seg_options(self) -> dict:
+        """The TS fine-tune's batch, learning rate and crop (`finetune.run_segmentation`), where set."""
+        options = {"batch_size": self.seg_batch_size, "lr": self.seg_lr, "crop": self.seg_crop}
+        return {k: v for k, v in options.items() if v is not None}
 
     def steps_for(self, encoder: str) -> int:
         return dict(self.steps)[encoder]
@@ -83,6 +92,8 @@ class StudySettings:
             raise ConfigError("--ablations", f"unknown ablations {bad}; use {', '.join(ABLATIONS)}")
         if any(self.steps_for(e) < 1 for e in self.encoders) or self.batch_size < 1 or self.seg_steps < 1:
             raise ConfigError("--steps", "steps, batch size and segmentation steps must be >= 1")
+        if self.seg_batch_size < 1 or (self.seg_lr is not None and self.seg_lr <= 0):
+            raise ConfigError("--seg-batch-size/--seg-lr", "the TS batch size and learning rate must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +163,7 @@ def run_one(settings: StudySettings, run: Run, data_dir: str, say: Callable[[str
     model = pretrained.load(workdir)
     row = demo.evaluate(
         model, run_dir / "eval", seed=run.seed, seg_steps=settings.seg_steps, seg_mode=settings.seg_mode,
-        seg_head=settings.seg_head, say=say,
+        seg_head=settings.seg_head, say=say, seg_options=settings.seg_options(),
     )
     cost = {
         "steps": steps,

@@ -30,6 +30,16 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(v for v in text.split(",") if v)
 
 
+def _crop(text: str) -> tuple[int, int, int]:
+    try:
+        crop = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        crop = ()
+    if len(crop) != 3 or min(crop) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes X,Y,Z, got {text!r}")
+    return crop  # type: ignore[return-value]
+
+
 def parse_args(argv=None) -> study.StudySettings:
     defaults = study.StudySettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -43,6 +53,9 @@ def parse_args(argv=None) -> study.StudySettings:
     p.add_argument("--seg-steps", type=int, help="TS training steps (default 300)")
     p.add_argument("--seg-mode", choices=("probe", "full"), help="TS: frozen encoder (default) or fine-tuned")
     p.add_argument("--seg-head", choices=("linear", "unetr"), help="TS head on a ViT (default linear)")
+    p.add_argument("--seg-batch-size", type=int, help="TS batch size (default 2)")
+    p.add_argument("--seg-lr", type=float, help="TS peak learning rate (default: finetune's for the mode)")
+    p.add_argument("--seg-crop", type=_crop, help="TS crop X,Y,Z (default: the pretraining crop)")
     p.add_argument("--config-override", action="append", default=[], metavar="--config.KEY=VALUE",
                    help="appended to every run's config (repeatable), e.g. "
                         "--config-override=--config.model.image_tower_kw.dtype=bfloat16 on an accelerator")
@@ -55,7 +68,8 @@ def parse_args(argv=None) -> study.StudySettings:
     steps = dict(values.get("steps", defaults.steps))
     steps.update({k: v for k, v in (("vit", args.vit_steps), ("cnn", args.cnn_steps)) if v is not None})
     values["steps"] = tuple(steps.items())
-    for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head", "dataset_config"):
+    for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head", "seg_batch_size",
+                  "seg_lr", "seg_crop", "dataset_config"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return dataclasses.replace(defaults, **values)

@@ -139,7 +139,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, tiny_
 
 def test_bad_settings_are_refused(tmp_path):
     for kw in ({"encoders": ("resnet",)}, {"ablations": ("dropout",)}, {"seeds": ()},
-               {"steps": (("vit", 0), ("cnn", 1))}):
+               {"steps": (("vit", 0), ("cnn", 1))}, {"seg_batch_size": 0}, {"seg_lr": -1.0}):
         with pytest.raises(ConfigError):
             study.run_study(study.StudySettings(out=tmp_path, **kw), runner=None)
 
@@ -154,6 +154,13 @@ def test_script_arguments(tmp_path, capsys):
     assert custom.steps_for("cnn") == 9 and custom.steps_for("vit") == 400
     assert custom.config_overrides == ("--config.log_every=1",) and custom.dataset_config == "medium"
     assert len(study.plan(custom)) == 2 * 2  # {CT-GLIP, CLIP} x cnn x 2 seeds, no ablations
+    ts = script.parse_args(["--seg-mode", "full", "--seg-batch-size", "8", "--seg-lr", "0.003",
+                            "--seg-crop", "32,32,32"])
+    assert ts.seg_options() == {"batch_size": 8, "lr": 0.003, "crop": (32, 32, 32)}
+    assert study.StudySettings().seg_options() == {"batch_size": 2}  # lr and crop: finetune's defaults
+    with pytest.raises(SystemExit):
+        script.parse_args(["--seg-crop", "32,32"])
+    assert "three positive sizes" in capsys.readouterr().err
     assert script.main(["--encoders", "vgg", "--out", str(tmp_path)]) == 2
     assert "vgg" in capsys.readouterr().err
 
@@ -163,6 +170,7 @@ def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir
     """Pretraining + OR/AD/TD/TS on the tiny data with a tiny text tower; the row has every metric."""
     settings = _small_settings(
         tmp_path, tiny_data, seeds=(0,), ablations=(), steps=(("vit", 2), ("cnn", 1)), seg_steps=2,
+        seg_mode="full", seg_head="unetr", seg_batch_size=3, seg_lr=3e-3,
         config_overrides=(f"--config.text.model_dir={tiny_bert_dir}", "--config.text.max_length=32",
                           "--config.model.embed_dim=32"),
     )
@@ -173,7 +181,12 @@ def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir
     assert row["cost"]["steps"] == 2 and row["cost"]["resumed_from_step"] is None
     assert row["cost"]["image_tower_params"] > 0 and row["cost"]["pretrain_s_per_step"] > 0
     ts = json.loads((tmp_path / "runs/ctglip_vit_s0/eval/finetune_segmentation.json").read_text())
-    assert ts["settings"]["head"] == "LinearTokenHead" and ts["settings"]["mode"] == "probe"
+    # TS headline = the fine-tune with the study's TS settings; the frozen probe is the second row
+    assert ts["settings"]["head"] == "UNETRHead" and ts["settings"]["mode"] == "full"
+    assert ts["settings"]["batch_size"] == 3 and ts["settings"]["learning_rate"] == 3e-3
+    probe = json.loads((tmp_path / "runs/ctglip_vit_s0/eval/probe/finetune_segmentation.json").read_text())
+    assert probe["settings"]["head"] == "LinearTokenHead" and probe["settings"]["mode"] == "probe"
+    assert row["metrics"]["ts_probe/dice"] == probe["metrics"]["dice"]
     assert set(summary["groups"]) == {"CT-GLIP/vit", "CLIP/vit"}
     cells = summary["per_finding"]["CT-GLIP/vit"]  # read back from the run's eval JSONs
     assert cells and all(set(c) == {"zero_shot", "probe"} for c in cells.values())
