@@ -294,7 +294,8 @@ def queue_momentum(config: ml_collections.ConfigDict) -> float | None:
     embeddings, and the cheapest way down the loss is to tell *new* from *old* (measured at batch 4: the
     current images and reports all aligned, cosine 0.95, the queue pushed away, held-out loss at ln 4). With
     it (MoCo, ALBEF) every candidate, this batch's and the queue's, comes from one slowly moving encoder.
-    Read with `get`: a config older than the field trained without one, and its checkpoints hold none.
+    (It did not lift CLIP at batch 4 off chance in 400 steps either: docs/RESULTS.md.) Read with `get`:
+    a config older than the field trained without one, and its checkpoints hold none.
     """
     m = float(config.loss.get("queue_momentum", 0.0) or 0.0)
     if not 0.0 <= m < 1.0:
