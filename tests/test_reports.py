@@ -156,6 +156,14 @@ def test_heldout_accuracy():
         ("No effusion? Small nodule!", ["No effusion?", "Small nodule!"]),
         ("Liver: Normal size.\n\nKidneys: Cysts.", ["Liver: Normal size.", "Kidneys: Cysts."]),
         ("TECHNIQUE: Axial images of the lung bases.\nLiver: normal.", ["Liver: normal."]),
+        # Acquisition headers with hyphens or qualifiers are dropped like their plain forms.
+        ("Dose-length product: 450 mGy*cm.\nCTDI-vol: 8 mGy.\nLiver: normal.", ["Liver: normal."]),
+        ("Non-contrast technique: axial 1 mm. Spleen: normal.", ["Spleen: normal."]),
+        ("Radiation dose: DLP 300 mGy*cm.\nLiver: normal.", ["Liver: normal."]),
+        # ... while findings under a contrast-phase header or an organ header with such a word stay.
+        ("Post-contrast: the liver enhances normally.", ["the liver enhances normally."]),
+        ("Liver protocol: no focal lesion.", ["Liver protocol: no focal lesion."]),
+        ("Follow-up: nodule in the right lung.", ["nodule in the right lung."]),
     ],
 )
 def test_split_sentences(text, sentences):

@@ -50,13 +50,23 @@ _ABBREVIATIONS = (
 )
 _BULLET = re.compile(r"^\s*(?:[-*•–·]|\(?\d{1,2}[.)]|\(?[a-z][.)](?=\s))\s*")
 _INLINE_NUMBER = re.compile(r"(?:(?<=[.:;])|^)\s*\d{1,2}[.)]\s+(?=[A-Za-z])")
-_HEADER = re.compile(r"^([A-Za-z][A-Za-z /,&()']{0,48}?)(?:\s*:|\s+[-–]\s)\s*(.*)$", re.S)
+# A header word may hold a hyphen ("Dose-length product:", "Follow-up:"); " - " after it also ends a header.
+_HEADER = re.compile(r"^([A-Za-z][A-Za-z /,&()'-]{0,48}?)(?:\s*:|\s+[-–]\s)\s*(.*)$", re.S)
 # Sections that describe the request or the acquisition, not this scan's findings ("History: liver cancer").
 _SKIPPED_SECTION = re.compile(
     r"(?:clinical\s+)?(?:history|indication|information|technique|comparison|examination|exam|procedure|protocol|"
     r"reason(?:\s+for\s+(?:exam|study))?|contrast|dose|dlp|ctdi\w*|priors?|signed|electronically\s+signed.*)",
     re.I,
 )
+# Words that mark an acquisition header wherever they sit in it ("Dose-length product", "Non-contrast
+# technique", "CTDI-vol"); "contrast" alone is not one of them ("Post-contrast: the liver enhances ...").
+_ACQUISITION_WORD = re.compile(
+    r"\b(?:history|indications?|technique|comparisons?|protocol|dose|dlp|ctdi[\w-]*|kvp|signed)\b", re.I
+)
+
+
+def _skipped_section(header: str, organ_ids: tuple[int, ...]) -> bool:
+    return not organ_ids and bool(_SKIPPED_SECTION.fullmatch(header) or _ACQUISITION_WORD.search(header))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +131,8 @@ def _segments(text: str) -> list[_Sentence]:
                 header, rest = _header_of(kept)
                 if header is None:
                     break
-                line = (_ids_in(header), bool(_SKIPPED_SECTION.fullmatch(header)))
+                organ_ids = _ids_in(header)
+                line = (organ_ids, _skipped_section(header, organ_ids))
                 if not rest:  # a header alone on its line
                     block, kept = line, ""
                     break
