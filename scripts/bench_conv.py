@@ -34,9 +34,12 @@ LAYERS = [  # name, input size divisor, c_in, c_out, kernel, stride, transposed 
 
 
 def conv_census(hlo: str) -> dict[str, int]:
-    """Counts of `convolution(...)` by spatial rank and dilation, and of `dot(...)`, in HLO text."""
+    """Counts of `convolution(...)` by spatial rank and dilation, of `dot(...)`, and of convolutions run by
+    YNNPACK (`ctglip_jax/xla_cpu.py` keeps them on XLA's own convolution), in HLO text."""
     counts: collections.Counter = collections.Counter()
     for line in hlo.splitlines():
+        if "__ynn_fusion" in line and "conv_general_dilated" in line:  # a convolution handed to YNNPACK
+            counts["conv_on_ynnpack"] += 1
         if " convolution(" in line:
             dims = re.search(r"dim_labels=(\w+)_", line)
             rank = len(dims.group(1)) - 2 if dims else -1

@@ -70,12 +70,17 @@ class Case:
         return config
 
 
+# The configs' queue momentum encoder (loss.queue_momentum = 0.995) adds a no-grad forward of both towers
+# to every step; the PyTorch harnesses (../shared/bench) and the analytic FLOPs (3 x forward) have none,
+# so the cases run without it and `vit_ref_fp32_momentum` measures what it costs.
 def vit_case(name: str, crop=(96, 96, 96), batch: int = 8, width: int = 384, depth: int = 6, heads: int = 6,
              mlp: int = 1536, patch=(16, 16, 16), group: str = "reference", **extra: Any) -> Case:
     """A ViT step; the text tower is frozen (`text_layers=0`, the figures before joint training) unless
-    `text_layers=k` trains its top k layers in the step."""
+    `text_layers=k` trains its top k layers in the step. The queue's momentum encoder is off (comment
+    above) unless `queue_momentum=m`."""
     kw = {
         "text.trainable_layers": extra.pop("text_layers", 0),
+        "loss.queue_momentum": extra.pop("queue_momentum", 0.0),
         "model.image_tower": "vit3d_S",
         "model.image_tower_kw": dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
                                      patch_size=tuple(patch), **extra.pop("tower_kw", {})),
@@ -89,8 +94,10 @@ def vit_case(name: str, crop=(96, 96, 96), batch: int = 8, width: int = 384, dep
 
 def cnn_case(name: str, crop=(64, 64, 64), batch: int = 2, size: str = "tiny", group: str = "sweep",
              **extra: Any) -> Case:
+    """A U-Net step, momentum encoder off as in `vit_case`."""
     kw = {
         "text.trainable_layers": extra.pop("text_layers", 0),
+        "loss.queue_momentum": extra.pop("queue_momentum", 0.0),
         "model.image_tower": f"unet3d_{size}",
         "model.image_tower_kw": extra.pop("tower_kw", {}),
         "data.crop_shape": repr(tuple(crop)),
@@ -112,6 +119,7 @@ def reference_cases() -> list[Case]:
         vit_case("vit_ref_bf16", tower_kw={"dtype": "bfloat16"}),
         vit_case("vit_ref_remat", tower_kw={"remat": True}),
         vit_case("vit_ref_accum2", **{"optim.grad_accum_steps": 2}),  # same global batch, 2 micro-steps
+        vit_case("vit_ref_fp32_momentum", queue_momentum=0.995),  # + the queue's momentum encoder
     ]
 
 

@@ -36,6 +36,37 @@ def test_conv3d_cpu_matches_xla(strides, kernel, c_in):
                          jax.jit(lambda a, b: conv_ops.conv3d(a, b, strides, "xla")), x, w)
 
 
+def _weight_grad_numpy(x, dy, kernel, pads):
+    """dw[ky, kx] = sum over (n, i, j) of x_padded[n, i + ky, j + kx] (x) dy[n, i, j]: the definition."""
+    (t, b), (lft, r) = pads
+    xp = np.pad(x, [(0, 0), (max(t, 0), max(b, 0)), (max(lft, 0), max(r, 0)), (0, 0)])
+    xp = xp[:, max(-t, 0):xp.shape[1] - max(-b, 0), max(-lft, 0):xp.shape[2] - max(-r, 0)]
+    ho, wo = dy.shape[1:3]
+    return np.stack([np.stack([np.einsum("nijc,nijo->co", xp[:, ky:ky + ho, kx:kx + wo], dy)
+                               for kx in range(kernel[1])]) for ky in range(kernel[0])])
+
+
+@pytest.mark.parametrize("kernel,pads,shape", [
+    ((3, 3), ((1, 1), (1, 1)), (3, 20, 22, 5)),  # 3 x 22 x 24 = 1,584 padded rows: four 500-row chunks
+    ((2, 3), ((0, 1), (1, 1)), (2, 7, 6, 3)),  # even kernel, SAME's asymmetric pad
+    ((3, 1), ((2, 0), (0, 0)), (1, 5, 4, 2)),
+    ((2, 2), ((0, -1), (0, 0)), (2, 6, 5, 3)),  # a negative pad: a crop, as the polyphase kernel uses
+])
+def test_conv2d_weight_grad_matches_numpy_and_autodiff(kernel, pads, shape):
+    x = np.asarray(_normal(0, shape))
+    w = _normal(1, (*kernel, shape[-1], 4))
+    y = conv_ops._lax_conv2d(x, w, pads)
+    dy = np.asarray(_normal(2, y.shape))
+    expected = _weight_grad_numpy(x, dy, kernel, pads)
+    for chunk in (None, 500):  # the default (one chunk here) and several chunks with a ragged last one
+        got = conv_ops._conv2d_weight_grad(jnp.asarray(x), jnp.asarray(dy), kernel, pads, chunk)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=1e-5)
+    by_autodiff = jax.vjp(lambda b: conv_ops._lax_conv2d(x, b, pads), w)[1](dy)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(by_autodiff), atol=1e-4, rtol=1e-5)
+    custom = jax.vjp(lambda b: conv_ops._conv2d(jnp.asarray(x), b, pads), w)[1](jnp.asarray(dy))[0]
+    np.testing.assert_allclose(np.asarray(custom), np.asarray(by_autodiff), atol=1e-4, rtol=1e-5)
+
+
 def test_strided_conv_odd_size_falls_back_to_autodiff():
     x, w = _normal(0, (1, 5, 7, 4, 3)), _normal(1, (3, 3, 3, 3, 4), 81)
     assert_same_function(lambda a, b: conv_ops.conv3d(a, b, (2, 2, 2), "cpu"),

@@ -148,6 +148,21 @@ def test_cpu_convs_compile_to_2d_without_input_dilation():
     assert census["xla"].get("conv3d_lhs_dilated", 0) > 0
     assert not [k for k in census["cpu"] if k.startswith("conv3d") or k.endswith("lhs_dilated")]
     assert census["cpu"].get("conv2d_plain", 0) > 0
+    assert census["cpu"].get("conv_on_ynnpack", 0) == 0  # XLA's own convolution (ctglip_jax/xla_cpu.py)
     cases = {c.name: c for c in load_script("benchmark").cnn_cases()}
+    assert all(c.config().loss.queue_momentum == 0.0 for c in cases.values())  # as the PyTorch harness
     assert cases["cnn_S_128x128x64_b2"].config().model.image_tower == "unet3d_S"
     assert cases["cnn_tiny_64^3_b4_xla_conv"].config().model.image_tower_kw.conv == "xla"
+
+
+def test_xla_flags_keep_convolutions_off_ynnpack_unless_the_user_chose():
+    from ctglip_jax import xla_cpu
+
+    flag = f"{xla_cpu.YNN_FLAG}={xla_cpu.YNN_WITHOUT_CONVOLUTION}"
+    assert xla_cpu.xla_flags_with_eigen_convolutions("", "0.10.2") == flag
+    assert xla_cpu.xla_flags_with_eigen_convolutions("--a=1", "0.10.2") == f"--a=1 {flag}"
+    mine = "--xla_cpu_experimental_ynn_fusion_type="
+    assert xla_cpu.xla_flags_with_eigen_convolutions(mine, "0.10.2") == mine  # the user's choice stays
+    assert xla_cpu.xla_flags_with_eigen_convolutions("--a=1", "0.11.0") == "--a=1"  # unmeasured: no flag
+    assert xla_cpu.xla_flags_with_eigen_convolutions("--a=1", None) == "--a=1"
+    assert flag in os.environ["XLA_FLAGS"]  # importing ctglip_jax set it for this process

@@ -5,7 +5,9 @@ transposed convolution) one to two orders of magnitude slower than the plain con
 size (in U-Net-tiny at 64^3, batch 4, those few ops took ~40 % of the convolution time), and runs 3-D
 convolutions 4-6x slower than 2-D ones of the same FLOPs. On CPU:
 
-- every 3x3x3 convolution is one 2-D convolution over (batch x plane) slabs (`_planes_conv`);
+- every 3x3x3 convolution is one 2-D convolution over (batch x plane) slabs (`_planes_conv`), whose
+  weight gradient is per-tap matmuls over cache-sized row chunks (`_conv2d_weight_grad`): XLA:CPU's own
+  (a convolution with the whole image as its window) is 3-6x slower than the forward;
 - a strided convolution gets a custom VJP whose input gradient is a stride-1 convolution of the output
   gradient with a re-indexed kernel, followed by a depth-to-space (the polyphase form of the transposed
   convolution: no input dilation);
@@ -31,6 +33,7 @@ from jax import lax
 
 CONV_CHOICES = ("auto", "xla", "cpu")
 _DN = ("NDHWC", "DHWIO", "NDHWC")
+_DN2 = ("NHWC", "HWIO", "NHWC")
 
 
 def resolve(impl: str) -> str:
@@ -91,7 +94,8 @@ def _planes_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], pads: Seque
     The kx taps along the first spatial axis become input channels: each output plane sees the
     concatenation of the kx input planes under its window (cheap: whole contiguous planes). XLA:CPU runs
     2-D convolutions 4-6x faster than 3-D ones of the same FLOPs at these channel counts (measured,
-    docs/PERFORMANCE.md section 9), and their gradients are 2-D convolutions too.
+    docs/PERFORMANCE.md section 10); the input gradient is a 2-D convolution too, the weight gradient the
+    chunked matmuls of `_conv2d_weight_grad`.
     """
     b, n0 = x.shape[:2]
     k0, s0 = w.shape[0], strides[0]
@@ -100,9 +104,80 @@ def _planes_conv(x: jax.Array, w: jax.Array, strides: Sequence[int], pads: Seque
     planes = jnp.concatenate([xp[:, i:i + (out0 - 1) * s0 + 1:s0] for i in range(k0)], axis=-1)
     planes = planes.reshape(b * out0, *planes.shape[2:])
     kernel = w.transpose(1, 2, 0, 3, 4).reshape(*w.shape[1:3], k0 * w.shape[3], w.shape[4])
-    y = lax.conv_general_dilated(planes, kernel, tuple(strides[1:]), list(pads[1:]),
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if tuple(strides[1:]) == (1, 1):
+        y = _conv2d(planes, kernel, tuple(tuple(p) for p in pads[1:]))
+    else:
+        y = _lax_conv2d(planes, kernel, pads[1:], strides[1:])
     return y.reshape(b, out0, *y.shape[1:])
+
+
+def _lax_conv2d(x: jax.Array, w: jax.Array, pads, strides=(1, 1)) -> jax.Array:
+    return lax.conv_general_dilated(x, w, tuple(strides), [tuple(p) for p in pads], dimension_numbers=_DN2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv2d(x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """Stride-1 2-D convolution whose weight gradient is `_conv2d_weight_grad` (autodiff's is 3-6x slower)."""
+    return _lax_conv2d(x, w, pads)
+
+
+def _conv2d_fwd(x, w, pads):
+    return _conv2d(x, w, pads), (x, w)
+
+
+def _conv2d_bwd(pads, res, dy):
+    x, w = res
+    dx = jax.vjp(lambda a: _lax_conv2d(a, w, pads), x)[1](dy)[0]  # a convolution with the flipped kernel
+    return dx, _conv2d_weight_grad(x, dy, w.shape[:2], pads).astype(w.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _conv2d_weight_grad(x: jax.Array, dy: jax.Array, kernel: Sequence[int], pads, chunk: int | None = None):
+    """dL/dw of a stride-1 2-D convolution as per-tap matmuls over cache-sized row chunks.
+
+    XLA:CPU computes this gradient as a convolution whose window is the whole image (3-6x slower than the
+    forward at U-Net channel counts, docs/PERFORMANCE.md section 10). Here the padded input is flattened to
+    rows (b, h, w); on that grid the tap (ky, kx) is the row offset ky * Wp + kx, so with the output gradient
+    placed on the same grid (zeros outside the output) dw[ky, kx] = sum_n x[n + offset]^T dy[n]. A loop over
+    chunks of rows keeps each chunk's nine shifted views in cache instead of copying nine shifted volumes.
+    """
+    kh, kw = kernel
+    (t, bot), (lft, rgt) = pads
+    n, h, wd, cin = x.shape
+    cout = dy.shape[-1]
+    hp, wp = h + t + bot, wd + lft + rgt
+    ho, wo = dy.shape[1:3]
+    rows = n * hp * wp
+    if chunk is None:  # ~2 MB of input rows (measured best on this CPU, clipped to 1,024..8,192 rows)
+        chunk = int(np.clip(2 ** int(np.log2(max(2 ** 19 // cin, 1))), 1024, 8192))
+    chunks = -(-rows // chunk)
+    halo = (kh - 1) * wp + kw - 1
+    offsets = [ky * wp + kx for ky in range(kh) for kx in range(kw)]
+    # Negative pads (a crop) come from lax.pad's negative widths just as the convolution applies them.
+    xf = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (t, bot, 0), (lft, rgt, 0), (0, 0, 0)])
+    df = jnp.pad(dy, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, cout)
+    # Shift the narrower operand: dw[tap] = sum_n x[n + o]^T dy[n] = sum_m x[m]^T dy[m - o]; the nine
+    # shifted views are copies, so they are taken of dy when it has fewer channels (the usual case here:
+    # the planes' input has kx * C channels).
+    shift_dy = cout < cin
+    fixed, shifted = (xf.reshape(rows, cin), df) if shift_dy else (df, xf.reshape(rows, cin))
+    fixed = jnp.pad(fixed, ((0, chunks * chunk - rows), (0, 0)))
+    shifted = jnp.pad(shifted, ((halo, chunks * chunk - rows + halo), (0, 0)))
+    starts = [halo - o for o in offsets] if shift_dy else [halo + o for o in offsets]
+
+    def add_chunk(c, acc):  # (cout x chunk) @ (chunk x cin) per tap: the narrow operand transposed
+        f = lax.dynamic_slice_in_dim(fixed, c * chunk, chunk, axis=0)
+        window = lax.dynamic_slice_in_dim(shifted, c * chunk, chunk + 2 * halo, axis=0)
+        if shift_dy:
+            taps = [jnp.matmul(window[a:a + chunk].T, f, preferred_element_type=jnp.float32) for a in starts]
+        else:
+            taps = [jnp.matmul(f.T, window[a:a + chunk], preferred_element_type=jnp.float32) for a in starts]
+        return acc + jnp.stack(taps)
+
+    acc = lax.fori_loop(0, chunks, add_chunk, jnp.zeros((len(offsets), cout, cin), jnp.float32))
+    return acc.reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -135,7 +210,8 @@ def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int] = (1, 1, 1), impl:
         return _xla_conv(x, w, strides)
     if all(k == 1 for k in w.shape[:3]):
         s0, s1, s2 = strides
-        return jnp.einsum("bxyzc,cd->bxyzd", x[:, ::s0, ::s1, ::s2], w[0, 0, 0])
+        picked = x[:, ::s0, ::s1, ::s2]  # a 2-D matmul: its weight gradient contracts one axis (fast dot)
+        return (picked.reshape(-1, x.shape[-1]) @ w[0, 0, 0]).reshape(*picked.shape[:4], w.shape[-1])
     if any(s != 1 for s in strides):
         return _strided_conv(x, w, strides)
     return _planes_conv(x, w, strides, _same_pads(x.shape[1:4], w.shape[:3], strides))
@@ -150,7 +226,16 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], impl: s
     strides = tuple(int(s) for s in strides)
     if resolve(impl) == "xla" or tuple(w.shape[:3]) != strides:
         return lax.conv_transpose(x, w, strides, "VALID", dimension_numbers=_DN)
+    # y[b, s0*x + i, s1*y + j, s2*z + k, d] = x[b, x, y, z] @ w'[i, j, k]; as (b, X, s0, Y, s1, Z, s2*D)
+    # (a free reshape), each (i, j) slab is one matmul whose (k, d) columns are already in output order, so
+    # the assembly (and, in the backward, the split of dy) moves contiguous runs of Z*s2*D values instead
+    # of a depth-to-space transpose with D-value runs (2 s of a U-Net-S step).
     flipped = w[::-1, ::-1, ::-1]
-    y = jnp.einsum("bxyzc,ijkcd->bxyzijkd", x, flipped)
-    b, n0, n1, n2 = x.shape[:4]
-    return _depth_to_space(y.reshape(b, n0, n1, n2, -1), strides, w.shape[-1])
+    b, n0, n1, n2, cin = x.shape
+    s0, s1, s2 = strides
+    cout = w.shape[-1]
+    rows = x.reshape(-1, cin)  # 2-D matmuls: their weight gradients contract one axis (XLA:CPU's fast dot)
+    slabs = [[(rows @ flipped[i, j].transpose(1, 0, 2).reshape(cin, s2 * cout)).reshape(b, n0, n1, n2, -1)
+              for j in range(s1)] for i in range(s0)]
+    y = jnp.stack([jnp.stack(row, axis=3) for row in slabs], axis=2)  # (b, X, s0, Y, s1, Z, s2*D)
+    return y.reshape(b, n0 * s0, n1 * s1, n2 * s2, cout)
