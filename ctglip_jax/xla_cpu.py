@@ -13,6 +13,8 @@ only for the jaxlib series it was measured on (an unknown flag in XLA_FLAGS abor
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from importlib import metadata
 
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
@@ -33,4 +35,20 @@ def prefer_eigen_convolutions() -> None:
         version = metadata.version("jaxlib")
     except metadata.PackageNotFoundError:
         return
-    os.environ["XLA_FLAGS"] = xla_flags_with_eigen_convolutions(os.environ.get("XLA_FLAGS", ""), version)
+    flags = os.environ.get("XLA_FLAGS", "")
+    wanted = xla_flags_with_eigen_convolutions(flags, version)
+    if wanted != flags and _backend_started():
+        warnings.warn("ctglip_jax was imported after JAX started its backend: XLA:CPU keeps YNNPACK "
+                      "convolutions (1.5-4x slower here). Import ctglip_jax before using JAX, or set "
+                      f"XLA_FLAGS='{YNN_FLAG}={YNN_WITHOUT_CONVOLUTION}'.", stacklevel=3)
+    os.environ["XLA_FLAGS"] = wanted
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+    except ImportError:
+        return False
+    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())

@@ -18,6 +18,8 @@ import re
 import sys
 import time
 
+import ctglip_jax  # noqa: F401  (sets the XLA:CPU flags of ctglip_jax/xla_cpu.py before JAX starts)
+
 LAYERS = [  # name, input size divisor, c_in, c_out, kernel, stride, transposed (U-Net-tiny, 64^3 -> 16^3)
     ("stem 1->8", 1, 1, 8, 3, 1, False),
     ("L0 8->8", 1, 8, 8, 3, 1, False),

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import ctglip_jax  # noqa: F401  (sets the XLA:CPU flags of ctglip_jax/xla_cpu.py before JAX starts)
+
 GRID = "grid_4x4x4_48x40x64_m10"
 
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+import ctglip_jax  # noqa: F401  (sets the XLA:CPU flags of ctglip_jax/xla_cpu.py before JAX starts)
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_inputs import synthetic_inputs  # noqa: E402  (a sibling script module)
 
