@@ -39,9 +39,11 @@ def conv_census(hlo: str) -> dict[str, int]:
     """Counts of `convolution(...)` by spatial rank and dilation, of `dot(...)`, and of convolutions run by
     YNNPACK (`ctglip_jax/xla_cpu.py` keeps them on XLA's own convolution), in HLO text."""
     counts: collections.Counter = collections.Counter()
-    for line in hlo.splitlines():
-        if "__ynn_fusion" in line and "conv_general_dilated" in line:  # a convolution handed to YNNPACK
+    ynn_bodies = set(re.findall(r"calls=%([\w.\-]+)[^\n]*__ynn_fusion", hlo))
+    for body in re.findall(r"^%([\w.\-]+) .*?\{\n(.*?)^\}", hlo, re.S | re.M):
+        if body[0] in ynn_bodies and " convolution(" in body[1]:  # a convolution handed to YNNPACK
             counts["conv_on_ynnpack"] += 1
+    for line in hlo.splitlines():
         if " convolution(" in line:
             dims = re.search(r"dim_labels=(\w+)_", line)
             rank = len(dims.group(1)) - 2 if dims else -1
