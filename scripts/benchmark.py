@@ -122,7 +122,7 @@ def reference_cases() -> list[Case]:
         vit_case("vit_ref_remat", tower_kw={"remat": True}),
         vit_case("vit_ref_accum2", **{"optim.grad_accum_steps": 2}),  # same global batch, 2 micro-steps
         vit_case("vit_ref_fp32_momentum", queue_momentum=0.995),  # + the queue's momentum encoder
-        # one input channel (no HU-window stack), as ../shared/bench/torch_step.py: its FLOPs are the harness's
+        # one input channel (no HU-window stack), as ../shared/bench/torch_step.py: the harness's FLOPs
         vit_case("vit_ref_fp32_1ch", **{"data.windows": "()"}),
     ]
 
