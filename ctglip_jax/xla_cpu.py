@@ -39,8 +39,9 @@ def prefer_eigen_convolutions() -> None:
     wanted = xla_flags_with_eigen_convolutions(flags, version)
     if wanted != flags and _backend_started():
         warnings.warn("ctglip_jax was imported after JAX started its backend: XLA:CPU keeps YNNPACK "
-                      "convolutions (1.5-2x slower forward, 2-4x in the gradients). Import ctglip_jax before using JAX, or set "
-                      f"XLA_FLAGS='{YNN_FLAG}={YNN_WITHOUT_CONVOLUTION}'.", stacklevel=3)
+                      "convolutions (1.5-2x slower forward, 2-4x in the gradients). Import ctglip_jax "
+                      f"before using JAX, or set XLA_FLAGS='{YNN_FLAG}={YNN_WITHOUT_CONVOLUTION}'.",
+                      stacklevel=3)
     os.environ["XLA_FLAGS"] = wanted
 
 
