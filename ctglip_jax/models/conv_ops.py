@@ -7,7 +7,7 @@ convolutions 4-6x slower than 2-D ones of the same FLOPs. On CPU:
 
 - every 3x3x3 convolution is one 2-D convolution over (batch x plane) slabs (`_planes_conv`), whose
   weight gradient is per-tap matmuls over cache-sized row chunks (`_conv2d_weight_grad`): XLA:CPU's own
-  (a convolution with the whole image as its window) is 3-6x slower than the forward;
+  (a convolution with the whole image as its window) is up to 1.8x slower at the U-Net's shapes;
 - a strided convolution gets a custom VJP whose input gradient is a stride-1 convolution of the output
   gradient with a re-indexed kernel, followed by a depth-to-space (the polyphase form of the transposed
   convolution: no input dilation);
@@ -117,7 +117,7 @@ def _lax_conv2d(x: jax.Array, w: jax.Array, pads, strides=(1, 1)) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv2d(x: jax.Array, w: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """Stride-1 2-D convolution whose weight gradient is `_conv2d_weight_grad` (autodiff's is 3-6x slower)."""
+    """Stride-1 2-D convolution whose weight gradient is `_conv2d_weight_grad` (faster than autodiff's)."""
     return _lax_conv2d(x, w, pads)
 
 
@@ -137,8 +137,8 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 def _conv2d_weight_grad(x: jax.Array, dy: jax.Array, kernel: Sequence[int], pads, chunk: int | None = None):
     """dL/dw of a stride-1 2-D convolution as per-tap matmuls over cache-sized row chunks.
 
-    XLA:CPU computes this gradient as a convolution whose window is the whole image (3-6x slower than the
-    forward at U-Net channel counts, docs/PERFORMANCE.md section 10). Here the padded input is flattened to
+    XLA:CPU computes this gradient as a convolution whose window is the whole image, up to 1.8x slower at
+    the U-Net's shapes (docs/PERFORMANCE.md section 10). Here the padded input is flattened to
     rows (b, h, w); on that grid the tap (ky, kx) is the row offset ky * Wp + kx, so with the output gradient
     placed on the same grid (zeros outside the output) dw[ky, kx] = sum_n x[n + offset]^T dy[n]. A loop over
     chunks of rows keeps each chunk's nine shifted views in cache instead of copying nine shifted volumes.
