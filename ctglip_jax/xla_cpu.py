@@ -37,7 +37,7 @@ def prefer_eigen_convolutions() -> None:
         return
     flags = os.environ.get("XLA_FLAGS", "")
     wanted = xla_flags_with_eigen_convolutions(flags, version)
-    if wanted != flags and _backend_started():
+    if wanted != flags and _cpu_backend_started():
         warnings.warn("ctglip_jax was imported after JAX started its backend: XLA:CPU keeps YNNPACK "
                       "convolutions (1.5-2x slower forward, 2-4x in the gradients). Import ctglip_jax "
                       f"before using JAX, or set XLA_FLAGS='{YNN_FLAG}={YNN_WITHOUT_CONVOLUTION}'.",
@@ -45,11 +45,14 @@ def prefer_eigen_convolutions() -> None:
     os.environ["XLA_FLAGS"] = wanted
 
 
-def _backend_started() -> bool:
+def _cpu_backend_started() -> bool:
+    """JAX already runs on CPU (on GPU/TPU the flag does not matter, so there is nothing to warn about)."""
     if "jax" not in sys.modules:
         return False
     try:
         from jax._src import xla_bridge
     except ImportError:
         return False
-    return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+    if not getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        return False
+    return sys.modules["jax"].default_backend() == "cpu"
