@@ -166,3 +166,16 @@ def test_xla_flags_keep_convolutions_off_ynnpack_unless_the_user_chose():
     assert xla_cpu.xla_flags_with_eigen_convolutions("--a=1", "0.11.0") == "--a=1"  # unmeasured: no flag
     assert xla_cpu.xla_flags_with_eigen_convolutions("--a=1", None) == "--a=1"
     assert flag in os.environ["XLA_FLAGS"]  # importing ctglip_jax set it for this process
+
+
+def test_importing_ctglip_jax_after_jax_started_on_cpu_warns():
+    """The flag is read once, when the backend starts: too late is said, not silently slow."""
+    import subprocess
+
+    code = ("import warnings; warnings.simplefilter('always'); import jax; jax.devices(); import ctglip_jax")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    late = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert "imported after JAX started its backend" in late.stderr
+    early = subprocess.run([sys.executable, "-c", "import ctglip_jax, jax; jax.devices()"], env=env,
+                           capture_output=True, text=True, check=True)
+    assert "imported after" not in early.stderr
