@@ -201,10 +201,10 @@ def test_cli_bad_config_is_one_line(capsys, tmp_path):
 # all leaves) to those of the code after it, up to commit 59da272, on the phantom of builder 1.1.0/1.2.0.
 # The phantom changed in 1.3.0 (every lesion visible), so these values are re-recorded on it with the code of
 # that commit; they keep the frozen path from drifting. The tolerance only admits another CPU's rounding:
-# XLA:CPU picks its kernels by instruction set, so an AVX-512 machine sums in another order than the AVX2 one
-# that recorded these. CLIP at batch 4 sits at ln 4, where the loss is a difference of near-equal logits and
-# that rounding shows at up to 4.2e-4 relative (measured on an AVX-512 CPU); its stored losses still move by
-# 1.3e-2 from step to step, so a change of data, parameters or loss fails all the same.
+# XLA:CPU picks its kernels by instruction set, so an AVX-512 machine may sum in another order than the
+# machine that recorded these. CLIP at batch 4 sits at ln 4, where the loss is a difference of near-equal
+# logits and that rounding shows at up to 4.2e-4 relative (measured on an AVX-512 CPU); its stored losses
+# still move by 1.3e-2 from step to step, so a change of data, parameters or loss fails all the same.
 FROZEN_TOWER_RTOL = {"configs/ctglip_vit.py:runlocal": 2e-6, "configs/clip_vit.py:runlocal": 1e-3}
 FROZEN_TOWER_LOSSES = {
     "configs/ctglip_vit.py:runlocal": [9.59926986694336, 8.885335922241211, 9.735889434814453,
