@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import ctglip_jax  # noqa: F401  (sets the XLA:CPU flags of ctglip_jax/xla_cpu.py before JAX starts)
 from ctglip_jax import models
 from ctglip_jax.models import flops
 from ctglip_jax.models.vit3d import ViT3D
