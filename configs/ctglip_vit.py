@@ -38,6 +38,9 @@ def get_config(arg=None):
     c.model.image_tower_kw.update(dtype="float32", remat=False)
     c.model.embed_dim = 64 if runlocal else 512
     c.model.temperature_init = 0.07
+    # Organ pooling inside the mask: "mean" (CT-GLIP's masked average) or "attention" (a learned weight per
+    # feature cell, two_tower.OrganAttention: a focal lesion is a few cells of a large organ).
+    c.model.organ_pooling = "mean"
 
     # Text tower (joint_text.py): MiniLM-L6 unless text.model_dir; its top layers train with the image tower.
     c.text.max_length = 32 if runlocal else 64
@@ -52,6 +55,14 @@ def get_config(arg=None):
     c.loss.global_clip = 0.0
     c.loss.use_dictionary = True
     c.loss.dictionary_sample = 32 if runlocal else 128  # dictionary entries per step when the text trains
+    # An abnormal organ's weight in the abnormality term (1 for a normal one): abnormal organs are a few
+    # percent of the slots (objective.abnormal_weight). 10 lifted zero-shot AD (dict. AUC +0.07 paired over
+    # two seeds, docs/RESULTS.md "After (3)"); 1 = unweighted, the rule before.
+    c.loss.abnormal_weight = 10.0
+    # Finding identity (finding_keys.py): an abnormal sentence whose nearest abnormal dictionary entry of its
+    # organ has a frozen-text cosine >= this shares that entry's key (each finding one class of positives,
+    # not one sentence); 0 = off, exact sentences only. Off: no measurable effect on the study (RESULTS.md).
+    c.loss.finding_match_cosine = 0.0
     # Cross-step negatives (objective.init_queue): the last N (image, report) pairs for the global term and
     # the last N organ slots for the abnormality term; at batch 4 CLIP otherwise has three negatives a step
     # and sits at chance. 0 = off. CT-GLIP and CLIP both get it: equal compute.

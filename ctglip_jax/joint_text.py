@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ctglip_jax import finding_keys
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.bert import BertConfig, BertEncoder
-from ctglip_jax.models.text import default_model_dir, load_hf_bert
+from ctglip_jax.models.text import TextEmbedder, default_model_dir, load_hf_bert
 from ctglip_jax.text_features import dictionary_entries
 from ctglip_jax.text_table import (
     DICT_KEYS,
@@ -295,9 +296,15 @@ def make_joint_text(
     )
     lay = layout(config, local_batch, process_count, example_offset)
     entries = dictionary_entries(dictionary) if dictionary else None
+    matcher = None
+    if entries is not None and finding_keys.min_cosine(config) > 0:
+        frozen = TextEmbedder(config.text.model_dir or None, pooling=config.text.pooling,
+                              max_length=int(config.text.max_length), batch_size=int(config.text.batch_size))
+        matcher = finding_keys.make(config, entries, frozen.embed)
     sampler = None
     if entries is not None and len(entries["text"]) and int(config.loss.get("dictionary_sample", 0)) > 0:
-        sampler = DictionarySampler(entries["organ"], lay.batch * lay.dict_per_example)
+        sampler = DictionarySampler(
+            entries["organ"], lay.batch * lay.dict_per_example, entries["key"], matcher)
     weights = {t: float(config.loss.get(t, 0.0)) for t in ("abnormality", "global_clip")}
     table = TextTable(
         lower,
@@ -305,6 +312,7 @@ def make_joint_text(
         slots=weights["abnormality"] > 0,
         reports=weights["global_clip"] > 0,
         dictionary=entries if sampler is not None else None,
+        finding_keys=matcher,
     )
     bert, full, _ = load_bert(config.text.model_dir or None)
     return JointText(

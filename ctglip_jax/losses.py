@@ -91,11 +91,13 @@ def _zero_invalid(emb: Array, valid: Array) -> Array:
     return jnp.where(valid[:, None], emb.astype(jnp.float32), 0.0)
 
 
-def _masked_mean(x: Array, mask: Array) -> Array:
-    """Mean of x over mask; 0 (not NaN) for an empty mask, with finite gradients on both branches."""
+def _masked_mean(x: Array, mask: Array, weight: Array | None = None) -> Array:
+    """Mean of x over mask (x already multiplied by `weight` when given: then divided by the mask's total
+    weight, not its count); 0 (not NaN) for an empty mask, with finite gradients on both branches."""
     mask = mask.astype(jnp.float32)
     total = jnp.sum(jnp.where(mask > 0, x, 0.0) * mask)
-    return total / jnp.maximum(jnp.sum(mask), 1.0)
+    count = jnp.sum(mask) if weight is None else jnp.sum(mask * weight)
+    return total / jnp.maximum(count, 1.0 if weight is None else 1e-12)
 
 
 def soft_cross_entropy(
@@ -174,6 +176,7 @@ def abnormality_text_loss(
     logit_scale: Array,
     queue: Mapping[str, Array] | None = None,
     keys: Mapping[str, Array] | None = None,
+    abnormal_weight: float = 1.0,
 ) -> tuple[Array, Metrics]:
     """Organ embedding <-> organ text InfoNCE over the global batch, with dictionary negatives, soft targets.
 
@@ -188,6 +191,8 @@ def abnormality_text_loss(
     the momentum encoder; then every *candidate* (this batch's texts and organs, the dictionary, the queue)
     is a momentum embedding and only the anchors carry gradients, so the current step's candidates come
     from the same slowly moving encoder as the queued ones; None: the anchors are their own candidates.
+    `abnormal_weight`: the weight of an anchor whose text is abnormal in each direction's mean, against 1
+    for a normal one (abnormal organs are a few percent of the slots; `config.loss.abnormal_weight`).
     """
     valid, normal = valid.astype(bool), normal.astype(bool)
     dict_valid, dict_normal = dict_valid.astype(bool), dict_normal.astype(bool)
@@ -221,7 +226,9 @@ def abnormality_text_loss(
     t2i_logits = logit_scale * text_emb @ image_emb.T
     t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, batch_known)
 
-    loss = 0.5 * (_masked_mean(i2t_rows, used) + _masked_mean(t2i_rows, t2i_used))
+    weight = jnp.where(normal, 1.0, jnp.float32(abnormal_weight))
+    i2t = _masked_mean(weight * i2t_rows, used, weight)
+    loss = 0.5 * (i2t + _masked_mean(weight * t2i_rows, t2i_used, weight))
     diag = jnp.diagonal(i2t_logits[:, :n])
     negatives = used[:, None] & cand_known & ~equiv
     metrics = {
@@ -323,12 +330,14 @@ def sigmoid_loss(
     txt_valid: Array | None = None,
     positives: Array | None = None,
     ignore: Array | None = None,
+    img_weight: Array | None = None,
 ) -> tuple[Array, Metrics]:
     """SigLIP pairwise sigmoid loss over an (A, B) grid of image and text embeddings.
 
     `positives` (A, B) bool marks pairs labelled +1 (default: the diagonal, A == B); every other valid pair
     is -1, except pairs marked in `ignore` (A, B), which count for nothing. Following SigLIP the summed loss
-    is divided by the number of valid images (not pairs).
+    is divided by the number of valid images (not pairs); with `img_weight` (A,) each image's pairs count
+    that many times, and the sum is divided by the valid images' total weight.
     With an equivalence matrix as `positives` this is the organ-level variant (`abnormality_sigmoid_loss`).
     """
     a, b = img_emb.shape[0], txt_emb.shape[0]
@@ -343,9 +352,12 @@ def sigmoid_loss(
     logits = logit_scale * img_emb @ txt_emb.T + logit_bias
     signs = jnp.where(positives, 1.0, -1.0)
     pair_loss = -jax.nn.log_sigmoid(jnp.where(pair_valid, signs * logits, 0.0))
-    loss = jnp.sum(jnp.where(pair_valid, pair_loss, 0.0)) / jnp.maximum(jnp.sum(img_valid), 1).astype(
-        jnp.float32
-    )
+    per_image = jnp.sum(jnp.where(pair_valid, pair_loss, 0.0), axis=-1)
+    if img_weight is None:
+        loss = jnp.sum(per_image) / jnp.maximum(jnp.sum(img_valid), 1).astype(jnp.float32)
+    else:
+        weight = jnp.where(img_valid, img_weight.astype(jnp.float32), 0.0)
+        loss = jnp.sum(weight * per_image) / jnp.maximum(jnp.sum(weight), 1e-12)
     pos = pair_valid & positives
     metrics = {
         "pair_accuracy": _masked_mean(((logits > 0) == positives).astype(jnp.float32), pair_valid),
@@ -371,11 +383,13 @@ def abnormality_sigmoid_loss(
     dict_organ_ids: Array,
     logit_scale: Array,
     logit_bias: Array,
+    abnormal_weight: float = 1.0,
 ) -> tuple[Array, Metrics]:
     """Organ-level SigLIP: same inputs and equivalence rule as `abnormality_text_loss`, sigmoid per pair.
 
     Every organ embedding is scored against the batch texts plus the dictionary; pairs whose texts are
-    equivalent are positives (+1), unknown pairs are left out, all other valid pairs are negatives.
+    equivalent are positives (+1), unknown pairs are left out, all other valid pairs are negatives. An organ
+    whose text is abnormal weighs `abnormal_weight` against 1 for a normal one.
     """
     cand_emb = jnp.concatenate([text_emb, dict_emb], axis=0)
     cand_valid = jnp.concatenate([valid.astype(bool), dict_valid.astype(bool)])
@@ -385,8 +399,9 @@ def abnormality_sigmoid_loss(
         jnp.concatenate([normal.astype(bool), dict_normal.astype(bool)]),
         jnp.concatenate([organ_ids, dict_organ_ids]),
     )
+    weight = jnp.where(normal.astype(bool), 1.0, jnp.float32(abnormal_weight))
     return sigmoid_loss(organ_emb, cand_emb, logit_scale, logit_bias, valid, cand_valid,
-                        equivalence_matrix(*a, *b), ignore=unknown_pairs(*a, *b))
+                        equivalence_matrix(*a, *b), ignore=unknown_pairs(*a, *b), img_weight=weight)
 
 
 def total_loss(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctglip_jax import corpus_dictionary, joint_text, losses, progress, text_table
+from ctglip_jax import corpus_dictionary, finding_keys, joint_text, losses, progress, text_table
 from ctglip_jax.data.augment import windows_of
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.grounding import global_mean_pool
@@ -112,7 +112,10 @@ def make_text_bank(
         dictionary = None
     elif dictionary is None:
         dictionary = resolve_dictionary(config)
-    return TextBank(embedder, prompt_template=config.text.prompt, dictionary=dictionary)
+    bank = TextBank(embedder, prompt_template=config.text.prompt, dictionary=dictionary)
+    if dictionary is not None:
+        bank.finding_keys = finding_keys.make(config, bank.dictionary, embedder.embed)
+    return bank
 
 
 def make_model(config: ml_collections.ConfigDict) -> TwoTower:
@@ -287,6 +290,20 @@ def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None
     return queue or None
 
 
+def abnormal_weight(config: ml_collections.ConfigDict) -> float:
+    """`config.loss.abnormal_weight`: an abnormal organ's weight in the abnormality term, 1 for a normal one.
+
+    Abnormal organs are a few percent of the slots (2.7 % on the study phantom; a real corpus is mostly
+    normal too), so with equal weights the term is almost all "normal organ <-> normal phrasing" and the
+    abnormal anchors, the ones zero-shot abnormality detection depends on, barely move the model
+    (docs/RESULTS.md, "After (3)"). Read with `get`: a config from before the field used 1.
+    """
+    w = config.loss.get("abnormal_weight", 1.0)
+    if not isinstance(w, int | float) or isinstance(w, bool) or not w > 0:
+        raise ConfigError("config.loss.abnormal_weight", f"must be a number > 0 (1 = unweighted), got {w!r}")
+    return float(w)
+
+
 def queue_momentum(config: ml_collections.ConfigDict) -> float | None:
     """The momentum encoder's EMA rate m when the queue is on and `config.loss.queue_momentum` > 0, else None.
 
@@ -390,10 +407,12 @@ def loss_terms(
             out["dict_organ"],
             scale,
         )
+        weight = abnormal_weight(config)
         terms["abnormality"] = (
-            losses.abnormality_sigmoid_loss(*args, bias)
+            losses.abnormality_sigmoid_loss(*args, bias, abnormal_weight=weight)
             if sigmoid
-            else losses.abnormality_text_loss(*args, queue=queue.get("organ"), keys=organ_keys)
+            else losses.abnormality_text_loss(*args, queue=queue.get("organ"), keys=organ_keys,
+                                              abnormal_weight=weight)
         )
     if weights["global_clip"]:
         if sigmoid:

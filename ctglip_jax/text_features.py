@@ -81,6 +81,7 @@ class TextBank:
         self.dict_feat = (
             embedder.embed(list(self.dictionary["text"])) if n else np.zeros((1, embedder.dim), np.float32)
         )
+        self.finding_keys = None  # finding_keys.FindingKeys: abnormal slot texts matched to the dictionary
 
     def constants(self) -> dict[str, np.ndarray]:
         """Arrays that are the same every step (placed on device once, replicated)."""
@@ -104,16 +105,24 @@ class TextBank:
             "dict_organ": d["organ"],
         }
 
-    def batch_features(self, slot_text: np.ndarray, report: np.ndarray | None) -> dict[str, np.ndarray]:
+    def batch_features(
+        self,
+        slot_text: np.ndarray,
+        report: np.ndarray | None,
+        slot_organ: np.ndarray | None = None,
+        slot_abnormal: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
         """`slot_text` (B, K) strings -> `slot_text_feat` (B, K, H), `slot_text_key` (B, K);
-        `report` (B,) -> `report_feat` (B, H)."""
+        `report` (B,) -> `report_feat` (B, H). With `finding_keys` set, the abnormal slots' keys (per
+        `slot_organ` / `slot_abnormal` (B, K)) are their matched dictionary findings."""
         b, k = slot_text.shape
         flat = [str(t) for t in slot_text.reshape(-1)]
         feat = self.embedder.embed(flat).reshape(b, k, -1)
-        out = {
-            "slot_text_feat": feat,
-            "slot_text_key": np.asarray([text_key(t) for t in flat], np.int32).reshape(b, k),
-        }
+        if self.finding_keys is not None and slot_organ is not None and slot_abnormal is not None:
+            keys = self.finding_keys.slot_keys(slot_text, slot_organ, slot_abnormal)
+        else:
+            keys = np.asarray([text_key(t) for t in flat], np.int32).reshape(b, k)
+        out = {"slot_text_feat": feat, "slot_text_key": keys}
         if report is not None:
             out["report_feat"] = np.stack([self.report_features(str(r)) for r in report])
         return out

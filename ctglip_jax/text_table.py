@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from ctglip_jax.data.reports import split_sentences
+from ctglip_jax.data.slots import as_str
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.text_features import organ_prompts, text_key
 
@@ -110,10 +111,6 @@ def prompt_inputs(lower: Any, template: str) -> dict[str, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------- text table
-def _to_str(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 class DictionarySampler:
     """Chooses a batch's dictionary entries (a grain `random_map` after batching: seeded by the run's seed and
     the batch's position in the stream, so a resumed run draws exactly the same sample).
@@ -123,14 +120,25 @@ class DictionarySampler:
     equivalent of a slot's text; entries about absent organs are easy negatives for every anchor.
     """
 
-    def __init__(self, entry_organs: np.ndarray, size: int):
+    def __init__(self, entry_organs: np.ndarray, size: int, entry_keys: np.ndarray | None = None,
+                 finding_keys: Any = None):
         self.entry_organs = np.asarray(entry_organs, np.int32)
         self.size = int(size)
+        self.entry_keys = None if entry_keys is None else np.asarray(entry_keys, np.int32)
+        self.finding_keys = finding_keys  # finding_keys.FindingKeys or None
 
     def __call__(self, batch: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         present = np.unique(batch["slot_organ"][batch["slot_valid"]])
         hot = np.isin(self.entry_organs, present)
-        order = np.concatenate([rng.permutation(np.flatnonzero(hot)), rng.permutation(np.flatnonzero(~hot))])
+        groups = [hot, ~hot]
+        if self.finding_keys is not None and self.entry_keys is not None:
+            # The entries the batch's abnormal sentences were matched to are their positives: first of all.
+            keys = self.finding_keys.slot_keys(
+                batch["slot_text"], batch["slot_organ"], batch["slot_abnormal"])
+            abnormal = (np.asarray(batch["slot_abnormal"]) == 1) & batch["slot_valid"]
+            matched = np.isin(self.entry_keys, keys[abnormal])
+            groups = [matched, hot & ~matched, ~hot & ~matched]
+        order = np.concatenate([rng.permutation(np.flatnonzero(g)) for g in groups])
         chosen = np.full(self.size, -1, np.int32)
         chosen[: min(self.size, len(order))] = order[: self.size]
         return {**batch, "dict_sample": chosen}
@@ -155,10 +163,12 @@ class TextTable:
         slots: bool,
         reports: bool,
         dictionary: Mapping[str, np.ndarray] | None,
+        finding_keys: Any = None,  # finding_keys.FindingKeys: abnormal slot texts -> matched dictionary keys
     ):
         self.lower, self.layout = lower, layout
         self.slots, self.reports = slots, reports
         self.dictionary = dictionary
+        self.finding_keys = finding_keys
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         lay = self.layout
@@ -172,7 +182,7 @@ class TextTable:
         if self.slots:
             for tier in (1, 0):
                 for i, j in zip(*np.nonzero((flags == tier) & batch["slot_valid"]), strict=True):
-                    text = _to_str(batch["slot_text"][i, j])
+                    text = as_str(batch["slot_text"][i, j])
                     slot_refs.append((i, j, text))
                     wanted.setdefault(text)
         d, sample = self.dictionary, batch.get("dict_sample")
@@ -185,7 +195,7 @@ class TextTable:
         report_refs, dropped = [], 0
         if self.reports:
             for i, report in enumerate(batch["report"]):
-                sentences = split_sentences(_to_str(report)) or [_to_str(report)]
+                sentences = split_sentences(as_str(report)) or [as_str(report)]
                 dropped += max(len(sentences) - lay.report_sentences, 0)
                 for s, sentence in enumerate(sentences[: lay.report_sentences]):
                     report_refs.append((i, s, sentence))
@@ -207,8 +217,12 @@ class TextTable:
                 flags[i, j] = -1
         if self.slots:
             out["slot_abnormal"] = flags
-        keys = [text_key(_to_str(t)) for t in batch["slot_text"].reshape(-1)]
-        out["slot_text_key"] = np.asarray(keys, np.int32).reshape(batch["slot_text"].shape)
+        if self.finding_keys is not None:
+            out["slot_text_key"] = self.finding_keys.slot_keys(
+                batch["slot_text"], batch["slot_organ"], batch["slot_abnormal"])
+        else:
+            keys = [text_key(as_str(t)) for t in batch["slot_text"].reshape(-1)]
+            out["slot_text_key"] = np.asarray(keys, np.int32).reshape(batch["slot_text"].shape)
         out["slot_text_index"] = index
 
         shape = (b, lay.dict_per_example)

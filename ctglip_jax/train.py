@@ -35,6 +35,7 @@ from ctglip_jax import checkpoint as ckpt_lib
 from ctglip_jax import (
     config_lib,
     evals,
+    finding_keys,
     joint_text,
     objective,
     optim,
@@ -76,7 +77,8 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
 
 def _host_batch_to_device(batch: dict, bank, sharding_: jax.sharding.Sharding, with_report: bool) -> dict:
     """Adds host text features, drops host-only strings and places the rest as global arrays."""
-    feats = bank.batch_features(batch["slot_text"], batch.get("report") if with_report else None)
+    feats = bank.batch_features(batch["slot_text"], batch.get("report") if with_report else None,
+                                batch["slot_organ"], batch["slot_abnormal"])
     keep = {k: v for k, v in batch.items() if not _is_host_only(v)}
     keep.update(feats)
     wanted = objective.DEVICE_BATCH_KEYS + (("report_feat",) if with_report else ())
@@ -179,6 +181,8 @@ class TrainResult:
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> TrainResult:
     """Train (or resume) in `workdir` on `devices` (default: all); returns the final state and metrics."""
     joint_text.check_config(config)  # bad text-training settings: one line, exit 2, nothing written
+    objective.abnormal_weight(config)  # bad loss settings too
+    finding_keys.min_cosine(config)
     objective.dictionary_source(config)  # the phantom's catalogue never reaches a model of user data
     check_workdir_matches(config, workdir)
     text_features = text_store_build.open_for_training(config)  # another tower's: refused, nothing written

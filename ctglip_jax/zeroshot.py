@@ -12,7 +12,8 @@ to it, so the model sees the scan through sliding windows of exactly the trainin
   grid with the inverse geometry, so the NIfTI written has the input's shape and affine and overlays it in
   any viewer.
 - organs (with a mask): per window, the per-organ feature sums and voxel counts of the label map
-  (`grounding.organ_sums`, the training pooling); summed over windows and divided, that is the
+  (`TwoTower.organ_window_sums`, the training pooling; with attention pooling, the attention-weighted sums
+  and total weights); summed over windows and divided, that is the
   voxel-count-weighted mean of the window embeddings (the projection is affine, so projecting the mean
   equals averaging the projections); then projected and normalised. Recognition: softmax over the 104
   organ prompts with the model's logit scale. Abnormality: the paired-prompt probability of
@@ -49,7 +50,6 @@ from ctglip_jax.evaluators.prompts import TextEncoder, ensemble_embeddings, pair
 from ctglip_jax.evaluators.sliding_window import SlidingWindow
 from ctglip_jax.evaluators.zeroshot_abnormality import AbnormalityEvaluator
 from ctglip_jax.evaluators.zeroshot_organ import OrganRecognitionEvaluator
-from ctglip_jax.models.grounding import organ_sums
 from ctglip_jax.models.two_tower import TwoTower
 from ctglip_jax.progress import stderr
 
@@ -79,8 +79,7 @@ class ScanInference:
             return jax.image.resize(sims, (*windows.shape[:4], sims.shape[-1]), method="linear")
 
         def window_sums(params, windows, labels):
-            features = model.apply({"params": params}, windows, method=TwoTower.dense_features)
-            return organ_sums(features, labels, model.num_labels)
+            return model.apply({"params": params}, windows, labels, method=TwoTower.organ_window_sums)
 
         def project(params, pooled):
             return model.apply({"params": params}, pooled, method=TwoTower.project_image)

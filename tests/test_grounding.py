@@ -6,25 +6,32 @@ import numpy as np
 import pytest
 
 from ctglip_jax.errors import ConfigError
-from ctglip_jax.models.grounding import global_mean_pool, organ_mask_pool
+from ctglip_jax.models.grounding import global_mean_pool, organ_mask_pool, weighted_organ_sums
 
 NUM_LABELS = 12
 
 
-def reference_pool(features, labels, organ_ids, organ_valid):
-    """Nearest-upsample the features to voxel resolution, then a plain masked mean per slot (float64)."""
+def _upsample(x, factors):
+    for axis, factor in enumerate(factors, start=1):
+        x = np.repeat(x, factor, axis=axis)
+    return x
+
+
+def reference_pool(features, labels, organ_ids, organ_valid, cell_weights=None):
+    """Nearest-upsample the features (and cell weights) to voxel resolution, then a masked mean per slot,
+    weighted by the voxel's cell weight when given (float64)."""
     batch, *grid, dim = features.shape
     factors = [s // g for s, g in zip(labels.shape[1:], grid, strict=True)]
-    up = features.astype(np.float64)
-    for axis, factor in enumerate(factors, start=1):
-        up = np.repeat(up, factor, axis=axis)
+    up = _upsample(features.astype(np.float64), factors)
+    w = np.ones((batch, *grid)) if cell_weights is None else cell_weights.astype(np.float64)
+    w = _upsample(w, factors)
     emb = np.zeros(organ_ids.shape + (dim,))
     valid = np.zeros(organ_ids.shape, bool)
     for b in range(batch):
         for k, organ in enumerate(organ_ids[b]):
             mask = labels[b] == organ
             if organ_valid[b, k] and mask.any():
-                emb[b, k] = up[b][mask].mean(axis=0)
+                emb[b, k] = np.average(up[b][mask], axis=0, weights=w[b][mask])
                 valid[b, k] = True
     return emb, valid
 
@@ -59,6 +66,33 @@ def test_matches_numpy_reference(label_shape, grid):
     np.testing.assert_allclose(np.asarray(emb), want_emb, atol=1e-6, rtol=0)
     assert not want_valid[:, 1].any()  # the absent organ really is tested
     assert want_valid[:, 0].all()
+
+
+@pytest.mark.parametrize("label_shape,grid", [((12, 8, 6), (3, 4, 2)), ((6, 5, 4), (6, 5, 4))])
+def test_weighted_pooling_matches_numpy_reference(label_shape, grid):
+    """Attention pooling's weighted mean: every voxel weighs its cell's weight."""
+    features, labels, organ_ids, organ_valid = random_case(1, label_shape, grid)
+    weights = np.exp(np.random.default_rng(2).uniform(-5, 5, size=features.shape[:-1])).astype(np.float32)
+    emb, valid = pool(features, labels, organ_ids, organ_valid, num_labels=NUM_LABELS, cell_weights=weights)
+    want_emb, want_valid = reference_pool(features, labels, organ_ids, organ_valid, weights)
+    np.testing.assert_array_equal(np.asarray(valid), want_valid)
+    np.testing.assert_allclose(np.asarray(emb), want_emb, atol=2e-5, rtol=1e-5)
+    plain, _ = reference_pool(features, labels, organ_ids, organ_valid)
+    assert np.abs(want_emb - plain).max() > 0.1  # the weights matter in this case
+    ones, _ = pool(features, labels, organ_ids, organ_valid, num_labels=NUM_LABELS,
+                   cell_weights=np.ones(features.shape[:-1], np.float32))
+    np.testing.assert_allclose(np.asarray(ones), plain, atol=1e-6)
+
+
+def test_weighted_sums_add_up_over_windows():
+    """Whole-scan evaluation sums the numerator and denominator over windows: two halves = the whole."""
+    features, labels, _, _ = random_case(3, (12, 8, 6), (3, 4, 2))
+    weights = np.exp(np.random.default_rng(4).uniform(-5, 5, size=features.shape[:-1])).astype(np.float32)
+    whole = weighted_organ_sums(features, labels, NUM_LABELS, weights)
+    halves = [weighted_organ_sums(features[:, sl], labels[:, sl4], NUM_LABELS, weights[:, sl])
+              for sl, sl4 in ((slice(0, 1), slice(0, 4)), (slice(1, 3), slice(4, 12)))]
+    for got, want in zip((halves[0][i] + halves[1][i] for i in range(3)), whole, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
 
 
 def test_absent_organ_masked_with_finite_gradient():

@@ -215,6 +215,32 @@ def test_dictionary_sampler_puts_present_organs_first_and_is_seeded():
     assert sorted(small[:2]) == [0, 1] and list(small[2:]) == [-1, -1]
 
 
+class FixedKeys:
+    """A finding matcher that answers 7 for every slot: the table must take its keys from it."""
+
+    def slot_keys(self, slot_text, slot_organ, slot_abnormal):
+        assert slot_text.shape == slot_organ.shape == slot_abnormal.shape
+        return np.full(slot_text.shape, 7, np.int32)
+
+
+def test_text_table_takes_slot_keys_from_the_finding_matcher(tiny_bert_dir):
+    plain = make_table(tiny_bert_dir)[0](table_batch())["slot_text_key"]
+    assert (plain != 7).all()
+    matched = make_table(tiny_bert_dir, finding_keys=FixedKeys())[0](table_batch())["slot_text_key"]
+    np.testing.assert_array_equal(matched, np.full(plain.shape, 7))
+
+
+def test_finding_matching_reaches_the_pipeline_stages(trained, tiny_bert_dir):
+    _, data_dir, _ = trained
+    dictionary = objective.resolve_dictionary(runlocal(data_dir, tiny_bert_dir))
+    on = runlocal(data_dir, tiny_bert_dir, **{"loss.finding_match_cosine": 0.75})
+    on = joint_text.make_joint_text(on, local_batch=2, dictionary=dictionary)
+    assert on.table.finding_keys is not None and on.sampler.finding_keys is on.table.finding_keys
+    assert on.table.finding_keys.num_entries > 0
+    off = joint_text.make_joint_text(runlocal(data_dir, tiny_bert_dir), local_batch=2, dictionary=dictionary)
+    assert off.table.finding_keys is None and off.sampler.finding_keys is None
+
+
 # ------------------------------------------------------------------------------------- config and workdir
 def runlocal(data_dir, bert_dir, spec="configs/ctglip_vit.py:runlocal", **extra):
     values = {
@@ -243,6 +269,8 @@ def runlocal(data_dir, bert_dir, spec="configs/ctglip_vit.py:runlocal", **extra)
         ("text.trainable_layers=-1", "config.text.trainable_layers"),
         ("optim.text_lr_mult=0", "config.optim.text_lr_mult: must be > 0"),
         ("optim.text_lr_mult=-0.5", "config.optim.text_lr_mult"),
+        ("loss.abnormal_weight=0", "config.loss.abnormal_weight: must be a number > 0"),
+        ("loss.finding_match_cosine=1.5", "config.loss.finding_match_cosine: 1.5 is not a cosine"),
     ],
 )
 def test_bad_text_training_settings_are_one_line_and_write_nothing(tmp_path, capsys, override, field):

@@ -45,8 +45,9 @@ def _unknown(k1, n1, o1, k2, n2, o2) -> bool:
     return bool(not n1 and not n2 and o1 == o2 and k1 != k2)
 
 
-def ref_abnormality(b, scale):
-    """b: dict of numpy arrays. Direction by direction, candidate by candidate."""
+def ref_abnormality(b, scale, abnormal_weight=1.0):
+    """b: dict of numpy arrays. Direction by direction, candidate by candidate; an anchor whose text is
+    abnormal weighs `abnormal_weight` in its direction's mean."""
     n = len(b["organ_emb"])
     cands = [
         (b["text_emb"][j], b["keys"][j], b["normal"][j], b["organs"][j]) for j in range(n) if b["valid"][j]
@@ -56,7 +57,7 @@ def ref_abnormality(b, scale):
         for m in range(len(b["dict_emb"]))
         if b["dict_valid"][m]
     ]
-    i2t = []
+    i2t, weights = [], []
     for i in range(n):
         if not b["valid"][i]:
             continue
@@ -65,6 +66,7 @@ def ref_abnormality(b, scale):
         logits = np.array([scale * np.dot(b["organ_emb"][i].astype(np.float64), c[0]) for c in known])
         target = np.array([1.0 if _equivalent(*me, *c[1:]) else 0.0 for c in known])
         i2t.append(-np.sum(target / target.sum() * _log_softmax(logits)))
+        weights.append(1.0 if b["normal"][i] else abnormal_weight)
     t2i = []
     for j in range(n):
         if not b["valid"][j]:
@@ -84,7 +86,7 @@ def ref_abnormality(b, scale):
         t2i.append(-np.sum(target / target.sum() * _log_softmax(logits)))
     if not i2t:
         return 0.0
-    return 0.5 * (np.mean(i2t) + np.mean(t2i))
+    return 0.5 * (np.average(i2t, weights=weights) + np.average(t2i, weights=weights))
 
 
 def ref_clip(img, txt, scale, valid=None):
@@ -96,15 +98,17 @@ def ref_clip(img, txt, scale, valid=None):
     return 0.5 * (np.mean(i2t) + np.mean(t2i))
 
 
-def ref_sigmoid(img, txt, scale, bias, img_valid, txt_valid, positives, ignore=None):
+def ref_sigmoid(img, txt, scale, bias, img_valid, txt_valid, positives, ignore=None, img_weight=None):
+    weight = np.ones(len(img)) if img_weight is None else np.asarray(img_weight, np.float64)
     total = 0.0
     for i in range(len(img)):
         for j in range(len(txt)):
             if img_valid[i] and txt_valid[j] and not (ignore is not None and ignore[i, j]):
                 z = scale * np.dot(img[i].astype(np.float64), txt[j]) + bias
                 label = 1.0 if positives[i, j] else -1.0
-                total += np.log1p(np.exp(-label * z))
-    return total / max(int(np.sum(img_valid)), 1)
+                total += weight[i] * np.log1p(np.exp(-label * z))
+    return total / (np.sum(weight[np.asarray(img_valid, bool)]) if img_weight is not None
+                    else max(int(np.sum(img_valid)), 1))
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
@@ -186,6 +190,20 @@ def test_abnormality_matches_numpy(seed):
     b = make_batch(seed)
     loss, _ = abnormality_jit(*[b[k] for k in ABN_ORDER], 20.0)
     assert float(loss) == pytest.approx(ref_abnormality(b, 20.0), abs=TOL)
+
+
+@pytest.mark.parametrize("weight", [1.0, 7.0, 0.25])
+def test_abnormal_weight_matches_numpy(weight):
+    b = make_batch(3)
+    assert (b["valid"] & b["normal"]).any() and (b["valid"] & ~b["normal"]).any()
+    loss, _ = call_abnormality(b, 20.0, abnormal_weight=weight)
+    assert float(loss) == pytest.approx(ref_abnormality(b, 20.0, weight), abs=TOL)
+    if weight != 1.0:  # the weight moves the loss (the test above would pass for an ignored argument)
+        assert abs(ref_abnormality(b, 20.0, weight) - ref_abnormality(b, 20.0)) > 1e-3
+    sig, _ = call_abnormality(b, 10.0, fn=losses.abnormality_sigmoid_loss, logit_bias=-5.0,
+                              abnormal_weight=weight)
+    unweighted, _ = call_abnormality(b, 10.0, fn=losses.abnormality_sigmoid_loss, logit_bias=-5.0)
+    assert (float(sig) == pytest.approx(float(unweighted), abs=TOL)) == (weight == 1.0)
 
 
 def test_abnormality_soft_targets_hand_computed():
@@ -376,6 +394,11 @@ def test_abnormality_sigmoid_matches_numpy():
     assert ignore.any() and (~ignore & ~pos).any()  # the batch exercises all three kinds of pair
     ref = ref_sigmoid(b["organ_emb"], cand, 10.0, -5.0, b["valid"], cval, pos, ignore)
     assert float(loss) == pytest.approx(ref, abs=TOL)
+    weighted, _ = call_abnormality(b, 10.0, fn=losses.abnormality_sigmoid_loss, logit_bias=-5.0,
+                                   abnormal_weight=4.0)
+    ref = ref_sigmoid(b["organ_emb"], cand, 10.0, -5.0, b["valid"], cval, pos, ignore,
+                      img_weight=np.where(b["normal"], 1.0, 4.0))
+    assert float(weighted) == pytest.approx(ref, abs=TOL)
 
 
 def test_total_loss_weights_and_prefixes():

@@ -154,3 +154,50 @@ def test_bad_config_raises():
         two_tower(image_tower="vit3d_tiny", text_tower="gpt")
     with pytest.raises(ConfigError, match="bad option"):
         two_tower(image_tower="vit3d_tiny", image_tower_kw={"wdth": 3}, text_tower="bert_tiny")
+
+
+def test_attention_pooling_starts_as_the_mean_and_learns_weights(tiny):
+    """`organ_pooling='attention'`: its own params; zero-initialised score = the plain mean; trained
+    weights (here random) give the weighted mean of `OrganAttention`'s weights; whole-scan sums agree."""
+    model, params, _ = tiny
+    attn = two_tower(image_tower="vit3d_tiny", text_tower="bert_tiny", embed_dim=EMBED,
+                     organ_pooling="attention")
+    abstract = jax.eval_shape(attn.init, jax.random.key(0), **dummy_inputs(IMAGE, batch=2))
+    assert set(abstract["params"]) - set(params["params"]) == {"organ_attention"}
+    batch = make_inputs()
+    dim = model.apply(params, batch["images"], method=TwoTower.dense_features).shape[-1]
+    scorer = attn.init(jax.random.key(1), np.zeros((1, 4, 4, 4, dim), np.float32),
+                       method=lambda m, f: m.organ_attention(f))["params"]["organ_attention"]
+    args = (batch["images"], batch["labels"], batch["organ_ids"], batch["organ_valid"])
+    both = {"params": {**params["params"], "organ_attention": scorer}}
+    mean_emb, _ = model.apply(params, *args, method=TwoTower.encode_organs)
+    start_emb, _ = attn.apply(both, *args, method=TwoTower.encode_organs)
+    np.testing.assert_allclose(np.asarray(start_emb), np.asarray(mean_emb), atol=1e-6)
+
+    rng = np.random.default_rng(5)
+    scorer = jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), scorer)
+    trained = {"params": {**params["params"], "organ_attention": scorer}}
+    emb, valid = attn.apply(trained, *args, method=TwoTower.encode_organs)
+    features = np.asarray(attn.apply(trained, batch["images"], method=TwoTower.dense_features), np.float64)
+    weights = np.asarray(attn.apply(trained, features.astype(np.float32),
+                                    method=lambda m, f: m.cell_weights(f)), np.float64)
+    assert weights.min() >= np.exp(-5) * 0.999 and weights.max() <= np.exp(5) * 1.001 and weights.std() > 0
+    up = lambda x: np.repeat(np.repeat(np.repeat(x, 4, 1), 4, 2), 2, 3)  # noqa: E731 - the patch grid
+    head = params["params"]["image_proj"]
+    for b in range(2):
+        for k, organ in enumerate([5, 12]):
+            mask = batch["labels"][b] == organ
+            pooled = np.average(up(features)[b][mask], axis=0, weights=up(weights)[b][mask])
+            want = pooled @ head["kernel"] + head["bias"]
+            np.testing.assert_allclose(np.asarray(emb[b, k]), want / np.linalg.norm(want), atol=1e-5)
+    assert np.abs(np.asarray(emb) - np.asarray(mean_emb)).max() > 1e-3
+    sums, totals = attn.apply(trained, batch["images"], batch["labels"], method=TwoTower.organ_window_sums)
+    pooled = np.asarray(sums)[:, 5] / np.asarray(totals)[:, 5, None]
+    want = attn.apply(trained, pooled.astype(np.float32), method=TwoTower.project_image)
+    np.testing.assert_allclose(np.asarray(emb[:, 0]), np.asarray(want), atol=1e-5)
+
+
+def test_unknown_organ_pooling_is_refused():
+    model = two_tower(image_tower="vit3d_tiny", text_tower="bert_tiny", embed_dim=EMBED, organ_pooling="max")
+    with pytest.raises(ConfigError, match="organ_pooling"):
+        jax.eval_shape(model.init, jax.random.key(0), **dummy_inputs(IMAGE))

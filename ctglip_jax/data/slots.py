@@ -62,7 +62,7 @@ def choose_slots(
         idx = np.asarray(chosen) - 1
         slot_abnormal[:n] = np.asarray(organ_abnormal, np.int8)[idx]
         slot_voxels[:n] = counts[idx + 1]
-        slot_text[:n] = [_as_str(organ_text[i]) for i in idx]
+        slot_text[:n] = [as_str(organ_text[i]) for i in idx]
     return {
         "slot_organ": slot_organ,
         "slot_valid": np.arange(num_slots) < n,
@@ -93,5 +93,6 @@ def hide_unseen_findings(
     return flags
 
 
-def _as_str(value) -> str:
+def as_str(value) -> str:
+    """A record's string field (bytes from TFDS, str from numpy object arrays) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)

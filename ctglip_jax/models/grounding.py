@@ -92,9 +92,25 @@ def organ_sums(features: jax.Array, labels: jax.Array, num_labels: int = NUM_LAB
     return sums, counts_per_cell.sum(axis=1)
 
 
+def weighted_organ_sums(features: jax.Array, labels: jax.Array, num_labels: int = NUM_LABELS_V1,
+                        cell_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(sums (B, L, D), totals (B, L), voxel counts (B, L))`: the numerator and denominator of each label's
+    weighted mean, and its voxel count. `cell_weights` `(B, x, y, z)` > 0 weighs every voxel of a cell (None:
+    1, the plain mean: totals = counts). Numerator and denominator are sums, so they add up over the sliding
+    windows of a whole scan (`zeroshot.ScanInference`) exactly as the plain mean's do."""
+    if cell_weights is None:
+        sums, counts = organ_sums(features, labels, num_labels)
+        return sums, counts, counts
+    weight = cell_weights.astype(jnp.float32)[..., None]
+    both, counts = organ_sums(jnp.concatenate([features.astype(jnp.float32) * weight, weight], axis=-1),
+                              labels, num_labels)  # one pass: weighted features and the weight as a channel
+    return both[..., :-1], both[..., -1], counts
+
+
 def organ_mask_pool(features: jax.Array, labels: jax.Array, organ_ids: jax.Array, organ_valid: jax.Array,
-                    num_labels: int = NUM_LABELS_V1, min_voxels: int = 1) -> tuple[jax.Array, jax.Array]:
-    """Masked mean of `features` inside each requested organ.
+                    num_labels: int = NUM_LABELS_V1, min_voxels: int = 1,
+                    cell_weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Masked mean of `features` inside each requested organ (weighted by `cell_weights` when given).
 
     Args:
       features: `(B, x, y, z, D)` dense feature map.
@@ -103,6 +119,7 @@ def organ_mask_pool(features: jax.Array, labels: jax.Array, organ_ids: jax.Array
       organ_valid: `(B, K)` bool, False for padding slots.
       num_labels: size of the id space (105 for TotalSegmentator v1 with background).
       min_voxels: an organ with fewer voxels in the scan gives an invalid slot.
+      cell_weights: `(B, x, y, z)` positive weights of the feature cells (attention pooling), or None.
     Returns:
       `(B, K, D)` fp32 embeddings (zeros in invalid slots) and the `(B, K)` bool validity.
     """
@@ -113,14 +130,15 @@ def organ_mask_pool(features: jax.Array, labels: jax.Array, organ_ids: jax.Array
     if labels.shape[0] != features.shape[0]:
         raise ConfigError("organ_mask_pool", f"labels batch {labels.shape[0]} != features batch "
                                              f"{features.shape[0]}")
-    sums, counts = organ_sums(features, labels, num_labels)
+    sums, totals, counts = weighted_organ_sums(features, labels, num_labels, cell_weights)
     ids = jnp.clip(organ_ids.astype(jnp.int32), 0, num_labels - 1)
     slot_sums = jnp.take_along_axis(sums, ids[..., None], axis=1)  # (B, K, D)
+    slot_totals = jnp.take_along_axis(totals, ids, axis=1)  # (B, K)
     slot_counts = jnp.take_along_axis(counts, ids, axis=1)  # (B, K)
     in_vocab = (organ_ids >= 0) & (organ_ids < num_labels)
     valid = organ_valid.astype(bool) & in_vocab & (slot_counts >= min_voxels)
-    safe_counts = jnp.where(valid, slot_counts, 1.0)
-    embeddings = jnp.where(valid[..., None], slot_sums / safe_counts[..., None], 0.0)
+    safe_totals = jnp.where(valid & (slot_totals > 0), slot_totals, 1.0)
+    embeddings = jnp.where(valid[..., None], slot_sums / safe_totals[..., None], 0.0)
     return embeddings, valid
 
 
