@@ -166,30 +166,7 @@ def evaluate(
     frozen-encoder probe runs too, as the second TS row (`ts_probe/dice`).
     """
     quiet = lambda message: None  # noqa: E731 - one summary line per model is printed instead
-    test_embeddings = []
-    zs = evaluation.evaluate(
-        model, evaluators=("organ", "abnormality"), split="test", out_dir=out, progress=quiet,
-        abnormality_templates=(("short",), ("dictionary",)), on_embeddings=test_embeddings.append,
-        whole_scan=whole_scan,
-    )
-    ad = zs["abnormality_detection"]
-    ad_dict = zs.get("abnormality_by_template", {}).get("dictionary", {})
-    row = {
-        "or/top1": zs["organ_recognition"]["top1"],
-        "or/top5": zs["organ_recognition"]["top5"],
-        "ad/f1_macro": ad.get("f1_macro"),
-        "ad/auc_macro": ad.get("auc_macro"),
-        "ad/findings_evaluated": ad.get("num_findings_evaluated"),
-        "ad/identity_auc_macro": ad.get("finding_identity", {}).get("auc_macro"),
-        **{f"ad_dict/{k}": ad_dict.get(k)
-           for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal", "identity_auc_macro")},
-    }
-    if test_embeddings and "finding_organ" in test_embeddings[0].extras:
-        train_data = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)
-        train_embeddings = evaluation.organ_embeddings(model, train_data)
-        probe = abnormality_probe(train_embeddings, test_embeddings[0])
-        (out / "abnormality_probe.json").write_text(json.dumps(probe, indent=2))
-        row.update({f"ad_probe/{k}": probe[k] for k in ("auc_macro", "auc_focal", "auc_nonfocal")})
+    row = zero_shot_row(model, out, whole_scan=whole_scan)
     td = finetune.run_detection(model, mode="probe", seed=seed, log=quiet)
     seg_options = dict(seg_options or {})
     ts = finetune.run_segmentation(
@@ -212,6 +189,37 @@ def evaluate(
         f"AUC {_fmt(row['ad_dict/auc_macro'])} | AD probe AUC {_fmt(row.get('ad_probe/auc_macro'))} | "
         f"TD AUC {_fmt(row['td/auc'])} | TS Dice {_fmt(row['ts/dice'])}"
     )
+    return row
+
+
+def zero_shot_row(model, out: Path, *, whole_scan: bool = True) -> dict:
+    """OR and AD zero-shot on the test split (AD with both prompt pairs), plus the AD linear probe where the
+    data has finding labels: the part of `evaluate` that needs no training, also `scripts/zero_shot_row.py`.
+    Writes the evaluator's eval.json, plots and `abnormality_probe.json` into `out`."""
+    test_embeddings = []
+    zs = evaluation.evaluate(
+        model, evaluators=("organ", "abnormality"), split="test", out_dir=out, progress=lambda message: None,
+        abnormality_templates=(("short",), ("dictionary",)), on_embeddings=test_embeddings.append,
+        whole_scan=whole_scan,
+    )
+    ad = zs["abnormality_detection"]
+    ad_dict = zs.get("abnormality_by_template", {}).get("dictionary", {})
+    row = {
+        "or/top1": zs["organ_recognition"]["top1"],
+        "or/top5": zs["organ_recognition"]["top5"],
+        "ad/f1_macro": ad.get("f1_macro"),
+        "ad/auc_macro": ad.get("auc_macro"),
+        "ad/findings_evaluated": ad.get("num_findings_evaluated"),
+        "ad/identity_auc_macro": ad.get("finding_identity", {}).get("auc_macro"),
+        **{f"ad_dict/{k}": ad_dict.get(k)
+           for k in ("f1_macro", "auc_macro", "auc_focal", "auc_nonfocal", "identity_auc_macro")},
+    }
+    if test_embeddings and "finding_organ" in test_embeddings[0].extras:
+        train_data = evaluation.EvaluationData(model.config, "train", whole_scan=whole_scan)
+        train_embeddings = evaluation.organ_embeddings(model, train_data)
+        probe = abnormality_probe(train_embeddings, test_embeddings[0])
+        (out / "abnormality_probe.json").write_text(json.dumps(probe, indent=2))
+        row.update({f"ad_probe/{k}": probe[k] for k in ("auc_macro", "auc_focal", "auc_nonfocal")})
     return row
 
 

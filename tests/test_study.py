@@ -199,3 +199,13 @@ def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [d["finding"] for d in lines] == ["liver_cyst", "splenomegaly"]
     assert all(len(d["texts"]) > 5 and {"probe_auc", "pair_short_auc"} <= set(d) for d in lines)
+
+    # the zero-shot part alone (scripts/zero_shot_row.py): the study's numbers for the same checkpoint
+    zero_shot = load_script("zero_shot_row")
+    assert zero_shot.main(["--workdir", str(tmp_path / "runs/ctglip_vit_s0/workdir"),
+                           "--out", str(tmp_path / "zs")]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    for key in ("or/top1", "ad/auc_macro", "ad_dict/auc_macro", "ad_dict/f1_macro", "ad_probe/auc_macro"):
+        assert alone[key] == pytest.approx(row["metrics"][key], abs=1e-6), key
+    assert (tmp_path / "zs" / "abnormality_probe.json").is_file()
+    assert zero_shot.main(["--workdir", str(tmp_path / "no_such_workdir")]) == 2
