@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.model.image_tower_kw.update(dtype="float32", remat=False)
     c.model.embed_dim = 64 if runlocal else 512
     c.model.temperature_init = 0.07
+    c.model.organ_pooling = "mean"  # as CT-GLIP's: evaluation pools CLIP's organs the same way
 
     # Text tower (joint_text.py): MiniLM-L6 unless text.model_dir; its top layers train with the image tower.
     c.text.max_length = 32 if runlocal else 64

@@ -1,12 +1,12 @@
 """Finding identity for the abnormality loss: each abnormal sentence matched to the dictionary's descriptions.
 
 Why. The abnormality term's positives are decided by text keys (`losses.equivalence_matrix`): a normal organ
-has every normal phrasing of its organ as positives, an abnormal one only its own sentence. Abnormal
-sentences are rare (2.7 % of the study phantom's slots; most organs in real reports are normal too) and
-almost each one is unique (274 distinct among 349 on the study's training split: sizes, segments, sides
-vary), so an abnormal organ's only positive is a text the model sees once, while the normal phrasings of its
-organ, its negatives, recur every step. The model then learns "abnormal = away from this organ's texts", and
-zero-shot abnormality detection comes out inverted (docs/RESULTS.md, "The mechanism").
+has every normal phrasing of its organ as positives, an abnormal one only its own sentence. Abnormal sentences
+are rare (2.5 % of the study phantom's mentioned organs; in real reports most organs are normal too) and
+almost each one is unique (274 distinct among 349 on the study's training split: sizes, segments, sides vary),
+so an abnormal organ's only positive is a text the model sees once, while the normal phrasings of its organ,
+its negatives, recur every step. The model then learns "abnormal = away from this organ's texts", and
+zero-shot abnormality detection comes out inverted (docs/RESULTS.md, "The mechanism is unchanged").
 
 What. An abnormal sentence whose nearest abnormal dictionary entry *of the same organ* (cosine of the
 frozen text tower's pooled features) reaches `min_cosine` takes that entry's key. The loss's existing

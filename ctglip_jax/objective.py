@@ -293,7 +293,7 @@ def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None
 def abnormal_weight(config: ml_collections.ConfigDict) -> float:
     """`config.loss.abnormal_weight`: an abnormal organ's weight in the abnormality term, 1 for a normal one.
 
-    Abnormal organs are a few percent of the slots (2.7 % on the study phantom; a real corpus is mostly
+    Abnormal organs are a few percent of the slots (2.5 % on the study phantom; a real corpus is mostly
     normal too), so with equal weights the term is almost all "normal organ <-> normal phrasing" and the
     abnormal anchors, the ones zero-shot abnormality detection depends on, barely move the model
     (docs/RESULTS.md, "After (3)"). Read with `get`: a config from before the field used 1.
