@@ -36,6 +36,7 @@ import numpy as np
 
 from ctglip_jax.data.slots import as_str
 from ctglip_jax.errors import ConfigError
+from ctglip_jax.evaluators.prompts import l2_normalize
 from ctglip_jax.text_features import text_key
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -54,11 +55,6 @@ def min_cosine(config: ml_collections.ConfigDict) -> float:
     return value
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class FindingKeys:
     """Slot texts -> loss keys, with abnormal sentences matched to the dictionary's abnormal entries.
 
@@ -74,7 +70,7 @@ class FindingKeys:
         texts = [str(t) for t in np.asarray(entries["text"], object)[abnormal]]
         self._organ = np.asarray(entries["organ"], np.int32)[abnormal]
         self._key = np.asarray(entries["key"], np.int32)[abnormal]
-        self._feat = _unit(embed(texts)) if texts else np.zeros((0, 1), np.float32)
+        self._feat = l2_normalize(embed(texts)) if texts else np.zeros((0, 1), np.float32)
         self._cache: dict[tuple[int, str], int] = {}
 
     @property
@@ -87,7 +83,7 @@ class FindingKeys:
         todo = [(int(o), str(t)) for t, o in zip(texts, organ_ids, strict=True)]
         new = list(dict.fromkeys(p for p in todo if p not in self._cache))
         if new:
-            feats = _unit(self.embed([t for _, t in new]))
+            feats = l2_normalize(self.embed([t for _, t in new]))
             for (organ, text), feat in zip(new, feats, strict=True):
                 self._cache[organ, text] = self._best_key(organ, text, feat)
         return np.asarray([self._cache[p] for p in todo], np.int32).reshape(-1)

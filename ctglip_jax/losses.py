@@ -92,12 +92,13 @@ def _zero_invalid(emb: Array, valid: Array) -> Array:
 
 
 def _masked_mean(x: Array, mask: Array, weight: Array | None = None) -> Array:
-    """Mean of x over mask (x already multiplied by `weight` when given: then divided by the mask's total
-    weight, not its count); 0 (not NaN) for an empty mask, with finite gradients on both branches."""
+    """Mean of x over mask (weighted by `weight` when given); 0 (not NaN) for an empty mask, with finite
+    gradients on both branches."""
     mask = mask.astype(jnp.float32)
-    total = jnp.sum(jnp.where(mask > 0, x, 0.0) * mask)
-    count = jnp.sum(mask) if weight is None else jnp.sum(mask * weight)
-    return total / jnp.maximum(count, 1.0 if weight is None else 1e-12)
+    if weight is None:
+        return jnp.sum(jnp.where(mask > 0, x, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    mask = mask * weight
+    return jnp.sum(jnp.where(mask > 0, x, 0.0) * mask) / jnp.maximum(jnp.sum(mask), 1e-12)
 
 
 def soft_cross_entropy(
@@ -227,8 +228,7 @@ def abnormality_text_loss(
     t2i_rows, t2i_used = soft_cross_entropy(t2i_logits, batch_equiv.astype(jnp.float32), valid, batch_known)
 
     weight = jnp.where(normal, 1.0, jnp.float32(abnormal_weight))
-    i2t = _masked_mean(weight * i2t_rows, used, weight)
-    loss = 0.5 * (i2t + _masked_mean(weight * t2i_rows, t2i_used, weight))
+    loss = 0.5 * (_masked_mean(i2t_rows, used, weight) + _masked_mean(t2i_rows, t2i_used, weight))
     diag = jnp.diagonal(i2t_logits[:, :n])
     negatives = used[:, None] & cand_known & ~equiv
     metrics = {
