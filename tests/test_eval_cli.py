@@ -163,6 +163,13 @@ def test_same_numbers_as_the_training_pipeline(cli_run, loaded):
         assert report["auc"] == pytest.approx(
             result["abnormality_detection"]["per_finding"][name]["auc"], abs=1e-6
         )
+    # --ad-prompts' default scores the dictionary pair too: the same numbers as the evaluator run apart
+    assert list(result["abnormality_by_template"]) == ["short", "dictionary"]
+    dictionary = AbnormalityEvaluator(model, templates=("dictionary",)).run(loaded.params, data)
+    assert dictionary["auc_macro"] == pytest.approx(
+        result["abnormality_by_template"]["dictionary"]["auc_macro"], abs=1e-6
+    )
+    assert dictionary["auc_macro"] != pytest.approx(result["abnormality_detection"]["auc_macro"], abs=1e-6)
     retrieval = RetrievalEvaluator(model).run(loaded.params, batches())
     assert retrieval["num_items"] == result["retrieval"]["num_items"]
     assert retrieval["image_to_text/R@5"] == pytest.approx(result["retrieval"]["image_to_text/R@5"])
@@ -174,6 +181,18 @@ def test_evaluate_from_python_without_writing(loaded, tmp_path):
     assert result["abnormality_detection"]["num_cases"] == 5
     assert "plots" not in result and not list(tmp_path.iterdir())
     json.dumps(result, allow_nan=False)  # strict JSON: NaN became null
+
+
+def test_ad_prompts_choose_the_pairs_and_each_gets_a_line(workdir, tmp_path, capsys):
+    args = ["eval", "--workdir", str(workdir), "--evaluators", "abnormality", "--max-cases", "3",
+            "--examples", "0", "--out", str(tmp_path)]
+    assert cli_main([*args, "--ad-prompts", "dictionary, in_organ"]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["abnormality_detection"]["templates"] == ["dictionary"]
+    assert list(result["abnormality_by_template"]) == ["dictionary", "in_organ"]
+    err = capsys.readouterr().err
+    assert "abnormality detection (dictionary): AUC macro" in err
+    assert "abnormality detection (in_organ): AUC macro" in err
 
 
 def _one_error_line(capsys, code):
@@ -198,3 +217,12 @@ def test_bad_input_exits_2_with_one_line(workdir, tmp_path, capsys):
     assert "dice" in line
     line = _one_error_line(capsys, cli_main(["eval", "--workdir", str(workdir), "--split", "holdout"]))
     assert "holdout" in line
+    line = _one_error_line(
+        capsys, cli_main(["eval", "--workdir", str(workdir), "--ad-prompts", "short,maybe"])
+    )
+    assert "--ad-prompts" in line and "maybe" in line and "dictionary" in line
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"case_id": "a", "abnormal": {"liver": ["liver cyst"]}}\n')
+    line = _one_error_line(capsys, cli_main(["eval", "--workdir", str(workdir), "--labels", str(labels),
+                                             "--ad-prompts", "short"]))
+    assert "--ad-prompts" in line and "--findings" in line

@@ -15,6 +15,12 @@ text<->image retrieval (R@1/5/10). Writes `eval.json` (metrics + step, dataset, 
 protocol, seconds per stage), `roc_curves.png`, `organ_confusion.png` and `overlay_<case>.png` (organ mask
 and text-to-voxel heatmaps on CT slices) into <workdir>/eval/ or --out.
 
+On the phantom's own finding labels, abnormality detection is scored once per prompt pair of
+`--ad-prompts` (default `short,dictionary`: "X." against "Not X.", then the abnormality dictionary's
+phrasings of the finding against the organ's normal statements, the pair that does not ask the text tower
+to read a negation); the first fills `abnormality_detection`, each one's macro AUC / F1 and focal /
+non-focal AUC are in `abnormality_by_template`, and each gets a progress line.
+
 Your own labels: `--labels FILE` scores abnormality detection on them (organ-level JSONL or CT-RATE's
 case-level CSV; `--findings SPEC.json` gives each finding's organs and prompts, else CT-RATE's 18 findings
 are mapped to organs by a built-in table, `evaluators/labels.py`), and adds `any_abnormality` (every labelled
@@ -32,6 +38,7 @@ from ctglip_jax.errors import CTGlipInputError
 
 NAME = "eval"
 HELP = "zero-shot evaluation of a trained workdir (eval.json + plots)"
+DEFAULT_AD_PROMPTS = "short,dictionary"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: CT-RATE's 18 findings for a CSV; the file's own findings for JSONL)",
     )
     parser.add_argument(
+        "--ad-prompts",
+        default=None,
+        help="abnormality detection on the phantom's labels: comma-separated prompt pairs, each scored "
+        "apart, the first in abnormality_detection (default: short,dictionary; see "
+        "evaluators/prompts.py). Your own --labels take their prompts from --findings instead",
+    )
+    parser.add_argument(
         "--centre-crop",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -91,6 +105,24 @@ def _one(specs, field: str, flag: str, given, default):
     return values[0] if values else default
 
 
+def _ad_prompts(given: str | None, labels) -> list[tuple[str]] | None:
+    """`--ad-prompts` as the evaluator's prompt-pair sets (one pair each); None with your own labels."""
+    from ctglip_jax.evaluators.prompts import DICTIONARY_TEMPLATE, PAIR_TEMPLATES
+
+    if labels is not None:
+        if given is not None:
+            raise CTGlipInputError("--ad-prompts", "scores the phantom's labels; with --labels, give your "
+                                   "prompts in --findings SPEC.json")
+        return None
+    names = [n.strip() for n in (given or DEFAULT_AD_PROMPTS).split(",") if n.strip()]
+    known = [*PAIR_TEMPLATES, DICTIONARY_TEMPLATE]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise CTGlipInputError("--ad-prompts", f"unknown prompt pair(s) {unknown or [given]}; use some of "
+                               f"{', '.join(known)}")
+    return [(name,) for name in dict.fromkeys(names)]
+
+
 def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
@@ -107,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         from ctglip_jax.evaluators.labels import read_labels, read_spec
 
         labels = read_labels(args.labels, read_spec(args.findings) if args.findings else None)
+    ad_prompts = _ad_prompts(args.ad_prompts, labels)
     config = pretrained.load_config(args.workdir)
     specs = evals.specs(config)  # the evaluators training ran (evals.py), here all once
     evaluators = evaluation.parse_evaluators(args.evaluators or [s.type for s in specs])
@@ -135,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         num_examples=args.examples,
         step=step,
         labels=labels,
+        abnormality_templates=ad_prompts,
     )
     progress.stderr(f"done in {time.perf_counter() - start:.1f} s")
     print(out)

@@ -344,13 +344,25 @@ class Evaluator(SectionEvaluator):
             first = first or r
         return {self.section: first, "abnormality_by_template": by_template}
 
+    def summary(self, sections: Mapping[str, Any]) -> str | None:
+        """The first prompt-pair set's line, then one line per further set (`abnormality_by_template`)."""
+        first = super().summary(sections)
+        if first is None or self.labels is not None:
+            return first
+        by_template = list(sections.get("abnormality_by_template", {}).items())[1:]
+        return "\n".join([first] + [
+            f"  abnormality detection ({name}): AUC macro {_fmt(r['auc_macro'])}, "
+            f"F1 macro {_fmt(r['f1_macro'])}"
+            for name, r in by_template
+        ])
+
     def line(self, r: Mapping[str, Any]) -> str:
         line = (
             f"AUC macro {_fmt(r['auc_macro'])}, F1 macro {_fmt(r['f1_macro'])} over "
             f"{r['num_findings_evaluated']} finding(s), {len(r['skipped'])} skipped"
         )
         if self.labels is None:
-            return f"  abnormality detection: {line}"
+            return f"  abnormality detection ({'+'.join(map(str, r['templates']))}): {line}"
         return (
             f"  abnormality detection ({self.labels.source}): {line}; any abnormality AUC "
             f"{_fmt(r['any_abnormality'].get('auc'))}; {r.get('num_cases_left_out', 0)} case(s) not in the "
