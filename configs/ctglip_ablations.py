@@ -4,6 +4,7 @@
     no_organ_text   without the organ-text (organ-name prompt) term
     sigmoid         every contrastive term as a SigLIP pairwise sigmoid loss
     plus_global     grounded terms + the global image-report CLIP term
+    frozen_text     the text tower frozen (text.trainable_layers = 0, "k = 0"): what joint text training adds
 
 Launch:
     ctglip train --config configs/ctglip_ablations.py:no_dictionary,runlocal --workdir /tmp/abl_nodict
@@ -15,7 +16,7 @@ from pathlib import Path
 from ctglip_jax import config_lib
 from ctglip_jax.errors import ConfigError
 
-VARIANTS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global")
+VARIANTS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global", "frozen_text")
 
 
 def get_config(arg=None):
@@ -40,4 +41,6 @@ def get_config(arg=None):
     elif variant == "plus_global":
         c.loss.global_clip = 1.0
         c.text.rows_per_example *= 2  # the reports' sentences join the slot texts in the text table
+    elif variant == "frozen_text":
+        c.text.trainable_layers = 0  # text features from the frozen tower (text_features.py), as before
     return c

@@ -28,7 +28,7 @@ from ctglip_jax.errors import ConfigError
 from ctglip_jax.phantom.findings import FINDINGS_BY_NAME
 
 ENCODERS = ("vit", "cnn")
-ABLATIONS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global")
+ABLATIONS = ("no_dictionary", "no_organ_text", "sigmoid", "plus_global", "frozen_text")
 METRICS = (  # (label, result key); see `demo.evaluate` for what each is
     ("OR top-1", "or/top1"),
     ("AD F1", "ad/f1_macro"),

@@ -37,7 +37,9 @@ def test_every_config_loads(name, arg):
         assert c.loss.organ_text == 1.0 and c.loss.abnormality == 1.0 and c.loss.use_dictionary
 
 
-@pytest.mark.parametrize("variant", ["no_dictionary", "no_organ_text", "sigmoid", "plus_global"])
+@pytest.mark.parametrize(
+    "variant", ["no_dictionary", "no_organ_text", "sigmoid", "plus_global", "frozen_text"]
+)
 def test_ablations(variant):
     c = config_lib.load_config(f"ctglip_ablations:{variant},cnn,runlocal")
     assert c.model.image_tower.startswith("unet3d")
@@ -46,6 +48,7 @@ def test_ablations(variant):
         "no_organ_text": c.loss.organ_text == 0.0,
         "sigmoid": c.loss.kind == "sigmoid",
         "plus_global": c.loss.global_clip == 1.0,
+        "frozen_text": c.text.trainable_layers == 0,
     }
     assert changed[variant] and sum(changed.values()) == 1
 

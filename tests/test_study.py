@@ -25,7 +25,7 @@ def load_script(name="reproduce"):
 def test_plan_is_the_full_grid_in_seed_major_order():
     settings = study.StudySettings()
     runs = study.plan(settings)
-    assert len(runs) == 3 * (2 * 2 + 4)  # seeds x ({CT-GLIP, CLIP} x {vit, cnn} + 4 ViT ablations)
+    assert len(runs) == 3 * (2 * 2 + 5)  # seeds x ({CT-GLIP, CLIP} x {vit, cnn} + 5 ViT ablations)
     assert len({r.name for r in runs}) == len(runs)
     assert [r.seed for r in runs] == sorted(r.seed for r in runs)  # every seed completes before the next
     assert {r.group for r in runs} == {
@@ -42,7 +42,7 @@ def test_runs_of_one_encoder_share_data_steps_batch_seed_and_tower():
     }
     for encoder, steps in (("vit", 400), ("cnn", 150)):
         same = [c for g, c in configs.items() if g.endswith("/" + encoder)]
-        assert len(same) == (6 if encoder == "vit" else 2)
+        assert len(same) == (7 if encoder == "vit" else 2)
         for c in same:
             assert (c.total_steps, c.optim.total_steps, c.data.batch_size, c.seed, c.data.seed) == (
                 steps, steps, 4, 5, 5)
@@ -52,6 +52,9 @@ def test_runs_of_one_encoder_share_data_steps_batch_seed_and_tower():
     assert configs["CLIP/vit"].loss.to_dict() != configs["CT-GLIP/vit"].loss.to_dict()
     assert configs["no_dictionary/vit"].loss.use_dictionary is False
     assert configs["sigmoid/vit"].loss.kind == "sigmoid"
+    frozen, joint = configs["frozen_text/vit"], configs["CT-GLIP/vit"]
+    assert frozen.text.trainable_layers == 0 < joint.text.trainable_layers
+    assert frozen.loss.to_dict() == joint.loss.to_dict()
 
 
 def _row(method, encoder, seed, rng, missing=()):
