@@ -162,15 +162,15 @@ def evaluate(
     AD is scored with two prompt pairs: `ad/` the evaluator's default ("X." / "Not X."), `ad_dict/` the
     abnormality dictionary's phrasings against the organ's normal statements; `ad_probe/` is a linear
     probe on the organ embeddings (train -> test), what the image side holds whatever the text side says.
-    `seg_options` go to `finetune.run_segmentation` (batch_size, lr, crop); with `seg_mode="full"` the
-    frozen-encoder probe runs too, as the second TS row (`ts_probe/dice`).
+    `seg_options` go to `finetune.run_segmentation` (batch_size, lr, crop, overlap: 0 unless given); with
+    `seg_mode="full"` the frozen-encoder probe runs too, as the second TS row (`ts_probe/dice`).
     """
     quiet = lambda message: None  # noqa: E731 - one summary line per model is printed instead
     row = zero_shot_row(model, out, whole_scan=whole_scan)
     td = finetune.run_detection(model, mode="probe", seed=seed, log=quiet)
-    seg_options = dict(seg_options or {})
+    seg_options = {"overlap": 0.0, **(seg_options or {})}
     ts = finetune.run_segmentation(
-        model, mode=seg_mode, head=seg_head, steps=seg_steps, seed=seed, overlap=0.0, log=quiet, **seg_options
+        model, mode=seg_mode, head=seg_head, steps=seg_steps, seed=seed, log=quiet, **seg_options
     )
     finetune.write_result(td, out)
     finetune.write_result(ts, out)
@@ -178,7 +178,7 @@ def evaluate(
     row["ts/dice"] = ts["metrics"]["dice"]
     if seg_mode == "full":  # the frozen-encoder probe as the second row (written beside, its own file)
         probe = finetune.run_segmentation(
-            model, mode="probe", head="linear", steps=seg_steps, seed=seed, overlap=0.0, log=quiet,
+            model, mode="probe", head="linear", steps=seg_steps, seed=seed, log=quiet,
             **{k: v for k, v in seg_options.items() if k != "lr"},
         )
         finetune.write_result(probe, out / "probe")

@@ -1,6 +1,6 @@
 """Reproduce the paper's claim on synthetic data: CT-GLIP vs CLIP x {ViT, CNN} x seeds, plus ablations.
 
-    python scripts/reproduce.py                      # the full study (a few hours on 2 CPU cores)
+    python scripts/reproduce.py                      # the full study (27 runs, each with a TS fine-tune)
     python scripts/reproduce.py --quick              # 1 seed, fewer steps, the small data: a set-up check
     nohup python scripts/reproduce.py > reproduce.log 2>&1 &   # in the background; rerun to resume
 
@@ -19,7 +19,8 @@ from pathlib import Path
 from ctglip_jax import study
 from ctglip_jax.errors import CTGlipInputError
 
-QUICK = dict(seeds=(0,), steps=(("vit", 150), ("cnn", 40)), seg_steps=100, dataset_config="small")
+QUICK = dict(seeds=(0,), steps=(("vit", 150), ("cnn", 40)), seg_steps=100, seg_batch_size=4,
+             dataset_config="small")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -50,12 +51,16 @@ def parse_args(argv=None) -> study.StudySettings:
     p.add_argument("--ablations", type=_names, help=f"subset of {','.join(study.ABLATIONS)}; '' for none")
     p.add_argument("--vit-steps", type=int, help="pretraining steps of every ViT run (default 400)")
     p.add_argument("--cnn-steps", type=int, help="pretraining steps of every CNN run (default 150)")
-    p.add_argument("--seg-steps", type=int, help="TS training steps (default 300)")
-    p.add_argument("--seg-mode", choices=("probe", "full"), help="TS: frozen encoder (default) or fine-tuned")
-    p.add_argument("--seg-head", choices=("linear", "unetr"), help="TS head on a ViT (default linear)")
-    p.add_argument("--seg-batch-size", type=int, help="TS batch size (default 2)")
-    p.add_argument("--seg-lr", type=float, help="TS peak learning rate (default: finetune's for the mode)")
-    p.add_argument("--seg-crop", type=_crop, help="TS crop X,Y,Z (default: the pretraining crop)")
+    p.add_argument("--seg-steps", type=int, help=f"TS training steps (default {defaults.seg_steps})")
+    p.add_argument("--seg-mode", choices=("probe", "full"),
+                   help="TS: fine-tuned encoder + decoder (default; the frozen probe is the second row) or "
+                        "the frozen probe alone")
+    p.add_argument("--seg-head", choices=("linear", "unetr"), help="TS head on a ViT (default unetr)")
+    p.add_argument("--seg-batch-size", type=int, help=f"TS batch size (default {defaults.seg_batch_size})")
+    p.add_argument("--seg-lr", type=float, help=f"TS peak learning rate (default {defaults.seg_lr:g})")
+    p.add_argument("--seg-crop", type=_crop, help="TS crop X,Y,Z (default 32,32,32)")
+    p.add_argument("--seg-overlap", type=float,
+                   help=f"TS sliding-window overlap (default {defaults.seg_overlap})")
     p.add_argument("--config-override", action="append", default=[], metavar="--config.KEY=VALUE",
                    help="appended to every run's config (repeatable), e.g. "
                         "--config-override=--config.model.image_tower_kw.dtype=bfloat16 on an accelerator")
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> study.StudySettings:
     steps.update({k: v for k, v in (("vit", args.vit_steps), ("cnn", args.cnn_steps)) if v is not None})
     values["steps"] = tuple(steps.items())
     for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head", "seg_batch_size",
-                  "seg_lr", "seg_crop", "dataset_config"):
+                  "seg_lr", "seg_crop", "seg_overlap", "dataset_config"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return dataclasses.replace(defaults, **values)
