@@ -305,6 +305,7 @@ def run_segmentation(
     foreground_fraction: float = 0.5,
     tumour_case_fraction: float | None = None,
     dice_weight: float = 1.0,
+    tumour_weight: float = 1.0,
     foreground_prior: float | None = 0.01,
     decoder_features: int = 8,
     full_res: str = "pointwise",
@@ -320,7 +321,8 @@ def run_segmentation(
     decoder); `foreground_fraction` the share of *every* training batch centred on a tumour voxel (rounded:
     `round(f * batch_size)` crops) and `tumour_case_fraction` the probability that another crop comes from
     a tumour-bearing case (None: the split's own rate), see `data/seg_batches.py`; `dice_weight` the soft
-    Dice's weight against cross-entropy (`evaluators/segmentation.segmentation_loss`); `postprocess`
+    Dice's weight against cross-entropy and `tumour_weight` a tumour voxel's weight in the cross-entropy
+    (`evaluators/segmentation.segmentation_loss`); `postprocess`
     "validation" chooses a probability threshold and the smallest kept tumour component on the validation
     split (`evaluators/seg_postprocess.py`; plain argmax when the data has no validation split), "none"
     keeps the argmax. The test metrics without post-processing are reported beside.
@@ -332,6 +334,8 @@ def run_segmentation(
         raise ConfigError("--foreground-fraction", f"must be in [0, 1], got {foreground_fraction}")
     if tumour_case_fraction is not None and not 0.0 <= tumour_case_fraction <= 1.0:
         raise ConfigError("--tumour-case-fraction", f"must be in [0, 1], got {tumour_case_fraction}")
+    if not tumour_weight > 0:
+        raise ConfigError("--tumour-weight", f"must be > 0, got {tumour_weight}")
     s = _setup("segmentation", pretrained, data, mode, steps, lr, batch_size, crop, seed, from_scratch,
                data_dir, manual_dir, pretrained_step, log)
     steps, lr, result = s.settings["steps"], s.settings["learning_rate"], s.result
@@ -344,7 +348,8 @@ def run_segmentation(
         tumour_case_fraction=tumour_case_fraction, foreground_prior=foreground_prior,
         decoder_features=decoder_features if net.is_vit and head == "unetr" else None,
         full_res=full_res if net.is_vit and head == "unetr" else None, encoder_lr_mult=encoder_lr_mult,
-        loss=f"cross-entropy + {dice_weight:g} x (1 - soft Dice of the tumour class, over the batch)",
+        loss=(f"cross-entropy (tumour voxels weighted {tumour_weight:g}) + {dice_weight:g} x "
+              "(1 - soft Dice of the tumour class, over the batch)"), tumour_weight=tumour_weight,
         decoder=("the U-Net's own decoder + 1x1x1 conv" if not net.is_vit else
                  f"UNETR decoder ({full_res} full-resolution level)" if head == "unetr"
                  else "per-token linear map to its patch's voxels"),
@@ -360,7 +365,7 @@ def run_segmentation(
         params, losses = S.train_segmentation(
             net, params, _progress(batches, steps, f"segmentation/{mode}", log), steps=steps,
             tx=_optimizer(lr, steps, 1e-4), label_key="tumor_mask", freeze_encoder=mode == "probe",
-            dice_weight=dice_weight, encoder_lr_mult=encoder_lr_mult,
+            dice_weight=dice_weight, encoder_lr_mult=encoder_lr_mult, foreground_weight=tumour_weight,
         )
     finally:
         batches.close()

@@ -147,15 +147,19 @@ def test_segmentation_cli_sliding_window_over_whole_volumes(workdir, data_dir, t
 def test_segmentation_linear_probe_cli_and_bad_fraction(workdir, data_dir, tmp_path, capsys):
     common = ("--task", "segmentation", "--workdir", workdir, "--data", "ctglip_synthetic:tiny", "--data-dir",
               data_dir, "--steps", 2, "--batch-size", 2, "--crop", "16,16,32", "--overlap", 0)
-    probe = ("--mode", "probe", "--head", "linear", "--foreground-fraction", 1, "--postprocess", "none")
+    probe = ("--mode", "probe", "--head", "linear", "--foreground-fraction", 1, "--postprocess", "none",
+             "--tumour-weight", 20)
     assert cli(*common, *probe, "--out", tmp_path) == 0
     r = json.loads((tmp_path / "finetune_segmentation.json").read_text())
     assert r["postprocess"]["chosen_on"] is None and "postprocess" not in r["metrics"]
     assert r["settings"]["head"] == "LinearTokenHead" and r["settings"]["mode"] == "probe"
+    assert r["settings"]["tumour_weight"] == 20.0 and "weighted 20" in r["settings"]["loss"]
     assert r["settings"]["foreground_fraction"] == 1.0 and finite(r["train_curve"]["loss"])
     capsys.readouterr()
     assert cli(*common, "--foreground-fraction", 1.5, "--out", tmp_path) == 2
     assert "must be in [0, 1]" in capsys.readouterr().err
+    assert cli(*common, "--tumour-weight", 0, "--out", tmp_path) == 2
+    assert "--tumour-weight" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

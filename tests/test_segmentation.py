@@ -245,13 +245,15 @@ def test_segmentation_loss_reference():
     assert float(S.segmentation_loss(perfect, labels, 2)) == pytest.approx(0.0, abs=1e-6)
 
 
-def numpy_dice_ce(logits, labels, num_classes, dice_weight=1.0, smooth=1e-5):
-    """Reference: mean voxel CE + dice_weight * (1 - mean over foreground classes of batch soft Dice)."""
+def numpy_dice_ce(logits, labels, num_classes, dice_weight=1.0, smooth=1e-5, foreground_weight=1.0):
+    """Reference: voxel CE (foreground voxels weighted, a weighted mean) + dice_weight * (1 - mean over
+    foreground classes of batch soft Dice)."""
     logits = np.asarray(logits, np.float64)
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
     flat_logp, flat_labels = logp.reshape(-1, num_classes), np.asarray(labels).reshape(-1)
-    ce = -np.mean(flat_logp[np.arange(len(flat_labels)), flat_labels])
+    w = np.where(flat_labels > 0, foreground_weight, 1.0)
+    ce = -np.sum(w * flat_logp[np.arange(len(flat_labels)), flat_labels]) / w.sum()
     p = np.exp(flat_logp)
     dices = []
     for c in range(1, num_classes):
@@ -260,15 +262,21 @@ def numpy_dice_ce(logits, labels, num_classes, dice_weight=1.0, smooth=1e-5):
     return ce + dice_weight * (1 - np.mean(dices))
 
 
-@pytest.mark.parametrize("num_classes,dice_weight,smooth", [(2, 1.0, 1.0), (2, 0.5, 1e-5), (3, 2.0, 1.0)])
-def test_dice_ce_loss_matches_numpy(num_classes, dice_weight, smooth):
+@pytest.mark.parametrize("num_classes,dice_weight,smooth,fg_weight",
+                         [(2, 1.0, 1.0, 1.0), (2, 0.5, 1e-5, 1.0), (3, 2.0, 1.0, 1.0), (2, 1.0, 1e-5, 30.0),
+                          (3, 1.0, 1.0, 0.5)])
+def test_dice_ce_loss_matches_numpy(num_classes, dice_weight, smooth, fg_weight):
     rng = np.random.default_rng(num_classes)
     logits = rng.normal(size=(2, 5, 4, 3, num_classes)).astype(np.float32) * 3
     labels = rng.integers(0, num_classes, size=(2, 5, 4, 3))
     labels[1] = 0  # a crop without foreground: the batch Dice is still defined
-    got = S.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels), num_classes, dice_weight, smooth)
-    assert float(got) == pytest.approx(numpy_dice_ce(logits, labels, num_classes, dice_weight, smooth),
-                                       rel=1e-5)
+    got = S.segmentation_loss(jnp.asarray(logits), jnp.asarray(labels), num_classes, dice_weight, smooth,
+                              foreground_weight=fg_weight)
+    want = numpy_dice_ce(logits, labels, num_classes, dice_weight, smooth, fg_weight)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    if fg_weight != 1.0:  # the weight moves the loss
+        unweighted = numpy_dice_ce(logits, labels, num_classes, dice_weight, smooth)
+        assert want != pytest.approx(unweighted, rel=1e-3)
     empty = np.zeros_like(labels)  # no foreground anywhere: the Dice term only pushes predictions down
     low, high = np.zeros_like(logits), np.zeros_like(logits)
     low[..., 0], high[..., 1] = 5.0, 5.0

@@ -9,7 +9,8 @@
                 map + a 1x1x1 conv: the U-Net has no separate head to choose); --mode probe freezes the
                 encoder (--head linear on a ViT: a per-token linear map to its patch, the frozen probe;
                 on a U-Net the frozen decoder + 1x1x1 conv). Loss: cross-entropy + soft Dice of the
-                tumour class (--dice-weight, 1 : 1). Every training batch holds tumour by design:
+                tumour class (--dice-weight, 1 : 1; --tumour-weight weighs tumour voxels in the
+                cross-entropy). Every training batch holds tumour by design:
                 round(--foreground-fraction x batch) crops centred on a tumour voxel (a tumour-bearing
                 case, one of its tumour types, a voxel of it); the other crops are random crops of a case
                 drawn from the tumour-bearing ones with probability --tumour-case-fraction (default: the
@@ -77,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tumour-bearing case (default: the training split's own rate)")
     parser.add_argument("--dice-weight", type=float, default=1.0,
                         help="segmentation: loss = cross-entropy + w x (1 - soft tumour Dice) (default 1)")
+    parser.add_argument("--tumour-weight", type=float, default=1.0,
+                        help="segmentation: a tumour voxel's weight in the cross-entropy (class-weighted "
+                             "CE; default 1 = unweighted)")
     parser.add_argument("--foreground-prior", type=float, default=0.01,
                         help="segmentation: the head starts at P(tumour) = this for every voxel (bias "
                              "init; 0 = the plain init, 1/2)")
@@ -109,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         run_task, extra = finetune.run_segmentation, {
             "overlap": args.overlap, "head": args.head, "foreground_fraction": args.foreground_fraction,
             "tumour_case_fraction": args.tumour_case_fraction, "dice_weight": args.dice_weight,
+            "tumour_weight": args.tumour_weight,
             "foreground_prior": args.foreground_prior or None, "decoder_features": args.decoder_features,
             "full_res": args.full_res, "encoder_lr_mult": args.encoder_lr_mult,
             "postprocess": args.postprocess,
