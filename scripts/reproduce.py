@@ -61,6 +61,8 @@ def parse_args(argv=None) -> study.StudySettings:
     p.add_argument("--seg-crop", type=_crop, help="TS crop X,Y,Z (default 32,32,32)")
     p.add_argument("--seg-overlap", type=float,
                    help=f"TS sliding-window overlap (default {defaults.seg_overlap})")
+    p.add_argument("--seg-tumour-weight", type=float,
+                   help=f"TS: a tumour voxel's cross-entropy weight (default {defaults.seg_tumour_weight:g})")
     p.add_argument("--config-override", action="append", default=[], metavar="--config.KEY=VALUE",
                    help="appended to every run's config (repeatable), e.g. "
                         "--config-override=--config.model.image_tower_kw.dtype=bfloat16 on an accelerator")
@@ -74,7 +76,7 @@ def parse_args(argv=None) -> study.StudySettings:
     steps.update({k: v for k, v in (("vit", args.vit_steps), ("cnn", args.cnn_steps)) if v is not None})
     values["steps"] = tuple(steps.items())
     for field in ("seeds", "encoders", "ablations", "seg_steps", "seg_mode", "seg_head", "seg_batch_size",
-                  "seg_lr", "seg_crop", "seg_overlap", "dataset_config"):
+                  "seg_lr", "seg_crop", "seg_overlap", "seg_tumour_weight", "dataset_config"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     return dataclasses.replace(defaults, **values)

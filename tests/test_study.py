@@ -143,7 +143,7 @@ def test_interrupted_study_resumes_without_redoing_finished_runs(tmp_path, tiny_
 def test_bad_settings_are_refused(tmp_path):
     for kw in ({"encoders": ("resnet",)}, {"ablations": ("dropout",)}, {"seeds": ()},
                {"steps": (("vit", 0), ("cnn", 1))}, {"seg_batch_size": 0}, {"seg_lr": -1.0},
-               {"seg_overlap": 1.0}):
+               {"seg_overlap": 1.0}, {"seg_tumour_weight": 0.0}):
         with pytest.raises(ConfigError):
             study.run_study(study.StudySettings(out=tmp_path, **kw), runner=None)
 
@@ -160,13 +160,17 @@ def test_script_arguments(tmp_path, capsys):
     assert len(study.plan(custom)) == 2 * 2  # {CT-GLIP, CLIP} x cnn x 2 seeds, no ablations
     ts = script.parse_args(["--seg-mode", "full", "--seg-batch-size", "8", "--seg-lr", "0.003",
                             "--seg-crop", "32,32,32"])
-    assert ts.seg_options() == {"batch_size": 8, "lr": 0.003, "crop": (32, 32, 32), "overlap": 0.25}
+    assert ts.seg_options() == {"batch_size": 8, "lr": 0.003, "crop": (32, 32, 32), "overlap": 0.25,
+                                "tumour_weight": 30.0}
     # the default TS protocol is the fine-tune of docs/RESULTS.md ("After (2)"); the probe is the second row
     default = study.StudySettings()
     assert (default.seg_mode, default.seg_head, default.seg_steps) == ("full", "unetr", 600)
-    assert default.seg_options() == {"batch_size": 8, "lr": 3e-3, "crop": (32, 32, 32), "overlap": 0.25}
-    probe = script.parse_args(["--seg-mode", "probe", "--seg-head", "linear", "--seg-overlap", "0"])
+    assert default.seg_options() == {"batch_size": 8, "lr": 3e-3, "crop": (32, 32, 32), "overlap": 0.25,
+                                     "tumour_weight": 30.0}
+    probe = script.parse_args(["--seg-mode", "probe", "--seg-head", "linear", "--seg-overlap", "0",
+                               "--seg-tumour-weight", "1"])
     assert (probe.seg_mode, probe.seg_head, probe.seg_overlap) == ("probe", "linear", 0.0)
+    assert probe.seg_options()["tumour_weight"] == 1.0
     with pytest.raises(SystemExit):
         script.parse_args(["--seg-crop", "32,32"])
     assert "three positive sizes" in capsys.readouterr().err
@@ -193,6 +197,7 @@ def test_one_real_run_pretrains_and_evaluates(tmp_path, tiny_data, tiny_bert_dir
     # TS headline = the fine-tune with the study's TS settings; the frozen probe is the second row
     assert ts["settings"]["head"] == "UNETRHead" and ts["settings"]["mode"] == "full"
     assert ts["settings"]["batch_size"] == 3 and ts["settings"]["learning_rate"] == 3e-3
+    assert ts["settings"]["tumour_weight"] == 30.0  # the study's class-weighted CE reaches the fine-tune
     probe = json.loads((tmp_path / "runs/ctglip_vit_s0/eval/probe/finetune_segmentation.json").read_text())
     assert probe["settings"]["head"] == "LinearTokenHead" and probe["settings"]["mode"] == "probe"
     assert row["metrics"]["ts_probe/dice"] == probe["metrics"]["dice"]
