@@ -139,7 +139,7 @@ def test_segmentation_cli_sliding_window_over_whole_volumes(workdir, data_dir, t
     assert r["settings"]["foreground_fraction"] == 0.5 and r["settings"]["foreground_crops_per_batch"] == 1
     # post-processing chosen on the validation split (8 tiny cases), the argmax's metrics beside
     post = r["postprocess"]
-    assert post["chosen_on"] == "validation (8 cases)" and len(post["validation_dice"]) == 18
+    assert post["chosen_on"] == "validation (8 cases)" and len(post["validation_dice"]) == 24
     assert m["postprocess"] == {"threshold": post["threshold"], "min_voxels": post["min_voxels"]}
     assert set(m["without_postprocess"]["tumor"]) == set(tumour)
 
