@@ -69,6 +69,18 @@ def test_choice_drops_stray_voxels_and_reports_the_table():
     assert table["0.9/5"] == pytest.approx(0.0)
 
 
+def test_choice_table_equals_each_grid_point_applied_alone():
+    """`choose` labels once per threshold; its table must equal each `PostProcess` (flood-fill checked above)
+    applied on its own."""
+    rng = np.random.default_rng(3)
+    cases = [(rng.random((9, 8, 7)) ** 3, rng.random((9, 8, 7)) > 0.8) for _ in range(3)]
+    thresholds, floors = (0.5, 0.7), (0, 2, 3, 6)
+    _, table = choose(cases, thresholds=thresholds, min_voxels=floors)
+    for t, m in itertools.product(thresholds, floors):
+        want = np.nanmean([case_dice(PostProcess(t, m)(p), g) for p, g in cases])
+        assert table[f"{t:g}/{m}"] == pytest.approx(want)
+
+
 def test_ties_keep_the_plain_threshold_and_empty_input_is_refused():
     empty = [(np.zeros((4, 4, 4)), np.zeros((4, 4, 4), bool))]
     post, table = choose(empty)
