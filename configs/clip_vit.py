@@ -59,6 +59,9 @@ def get_config(arg=None):
     # The queue's candidates from an EMA ("momentum") copy of both towers, MoCo / ALBEF style
     # (objective.queue_momentum); off in runlocal: one more forward a step, no effect measured at batch 4.
     c.loss.queue_momentum = 0.0 if runlocal else 0.995
+    # With kind = "sigmoid" the SigLIP terms take the same queue and keys (objective.uses_queue), so the
+    # sigmoid ablation changes the loss form only; False = batch-only sigmoid terms (workdirs before it).
+    c.loss.sigmoid_queue = True
 
     c.optim.lr = 1e-3 if runlocal else 3e-4
     c.optim.warmup_steps = 3 if runlocal else 1000

@@ -2,7 +2,7 @@
 
     no_dictionary   abnormality-text loss without the dictionary's extra negatives
     no_organ_text   without the organ-text (organ-name prompt) term
-    sigmoid         every contrastive term as a SigLIP pairwise sigmoid loss
+    sigmoid         every contrastive term as a SigLIP pairwise sigmoid loss (same queue and candidates)
     plus_global     grounded terms + the global image-report CLIP term
     frozen_text     the text tower frozen (text.trainable_layers = 0, "k = 0"): what joint text training adds
 

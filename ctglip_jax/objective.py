@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ctglip_jax import corpus_dictionary, finding_keys, joint_text, losses, progress, text_table
+from ctglip_jax import (
+    corpus_dictionary,
+    finding_keys,
+    joint_text,
+    losses,
+    progress,
+    sigmoid_queue,
+    text_table,
+)
 from ctglip_jax.data.augment import windows_of
 from ctglip_jax.errors import ConfigError
 from ctglip_jax.models.grounding import global_mean_pool
@@ -273,10 +281,11 @@ def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None
     slots (organ embedding, its text's embedding, key, normal flag, organ id), for the abnormality term. The
     organ-text term needs none: its softmax already spans the whole 104-organ vocabulary. Entries are the
     embeddings as computed at their step (no momentum encoder: a memory bank), newest first; the queue is
-    part of the train state, so a resumed run continues with exactly the same memory.
+    part of the train state, so a resumed run continues with exactly the same memory. The sigmoid terms
+    take it too when `uses_queue` says so.
     """
     size = int(config.loss.get("queue_size", 0) or 0)
-    if size <= 0 or config.loss.kind == "sigmoid":
+    if size <= 0 or not uses_queue(config):
         return None
     zeros = lambda *s, dtype=jnp.float32: jnp.zeros(s, dtype)  # noqa: E731
     queue = {}
@@ -288,6 +297,19 @@ def init_queue(config: ml_collections.ConfigDict, embed_dim: int) -> dict | None
                           "key": zeros(size, dtype=jnp.int32), "normal": zeros(size, dtype=jnp.bool_),
                           "organ": zeros(size, dtype=jnp.int32), "valid": zeros(size, dtype=jnp.bool_)}
     return queue or None
+
+
+def uses_queue(config: ml_collections.ConfigDict) -> bool:
+    """Whether this loss kind takes the queue (and its momentum keys): softmax always; sigmoid when
+    `config.loss.sigmoid_queue` is True (the configs' default, so the `sigmoid` ablation changes the loss
+    form and nothing else: `sigmoid_queue.py`). Read with `get`: a workdir from before the field trained its
+    sigmoid terms on the batch alone, and its checkpoints hold no queue."""
+    if config.loss.kind != "sigmoid":
+        return True
+    flag = config.loss.get("sigmoid_queue", False)
+    if not isinstance(flag, bool):
+        raise ConfigError("config.loss.sigmoid_queue", f"must be True or False, got {flag!r}")
+    return flag
 
 
 def abnormal_weight(config: ml_collections.ConfigDict) -> float:
@@ -318,7 +340,7 @@ def queue_momentum(config: ml_collections.ConfigDict) -> float | None:
     if not 0.0 <= m < 1.0:
         raise ConfigError("config.loss.queue_momentum", f"must be in [0, 1), got {m}")
     size = int(config.loss.get("queue_size", 0) or 0)
-    return m if m > 0.0 and size > 0 and config.loss.kind != "sigmoid" else None
+    return m if m > 0.0 and size > 0 and uses_queue(config) else None
 
 
 def momentum_update(momentum_params, params, m: float):
@@ -376,7 +398,7 @@ def loss_terms(
     valid = out["organ_valid"].reshape(-1)
     organ_ids = batch["slot_organ"].reshape(-1).astype(jnp.int32)
     terms = {}
-    if weights["organ_text"]:
+    if weights["organ_text"]:  # no queue for either kind: the 104 prompts are every candidate already
         if sigmoid:
             positives = jax.nn.one_hot(organ_ids - 1, out["prompt_emb"].shape[0], dtype=bool)
             terms["organ_text"] = losses.sigmoid_loss(
@@ -408,21 +430,25 @@ def loss_terms(
             scale,
         )
         weight = abnormal_weight(config)
-        terms["abnormality"] = (
-            losses.abnormality_sigmoid_loss(*args, bias, abnormal_weight=weight)
-            if sigmoid
-            else losses.abnormality_text_loss(*args, queue=queue.get("organ"), keys=organ_keys,
-                                              abnormal_weight=weight)
-        )
+        if not sigmoid:
+            terms["abnormality"] = losses.abnormality_text_loss(
+                *args, queue=queue.get("organ"), keys=organ_keys, abnormal_weight=weight)
+        elif queue.get("organ") is None and organ_keys is None:  # batch only (workdirs before the queue)
+            terms["abnormality"] = losses.abnormality_sigmoid_loss(*args, bias, abnormal_weight=weight)
+        else:
+            terms["abnormality"] = sigmoid_queue.queued_abnormality_sigmoid_loss(
+                *args, bias, queue=queue.get("organ"), keys=organ_keys, abnormal_weight=weight)
     if weights["global_clip"]:
-        if sigmoid:
+        global_keys = None if keys_out is None else {
+            "image_emb": keys_out["image_emb"], "text_emb": keys_out["report_emb"]}
+        if not sigmoid:
+            terms["global_clip"] = losses.clip_loss(
+                out["image_emb"], out["report_emb"], scale, queue=queue.get("global"), keys=global_keys)
+        elif queue.get("global") is None and global_keys is None:
             terms["global_clip"] = losses.sigmoid_loss(out["image_emb"], out["report_emb"], scale, bias)
         else:
-            terms["global_clip"] = losses.clip_loss(
-                out["image_emb"], out["report_emb"], scale, queue=queue.get("global"),
-                keys=None if keys_out is None else {
-                    "image_emb": keys_out["image_emb"], "text_emb": keys_out["report_emb"]},
-            )
+            terms["global_clip"] = sigmoid_queue.queued_sigmoid_clip_loss(
+                out["image_emb"], out["report_emb"], scale, bias, queue=queue.get("global"), keys=global_keys)
     return terms, {t: weights[t] for t in terms}
 
 

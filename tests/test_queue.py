@@ -203,11 +203,15 @@ def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
     assert not np.asarray(jax.grad(loss)(q["organ_emb"])).any()  # memory, not a parameter
 
 
-def test_sigmoid_and_zero_size_have_no_queue():
-    assert (
-        objective.init_queue(config_lib.load_config("configs/ctglip_ablations.py:sigmoid,runlocal"), 4)
-        is None
-    )
+def test_zero_size_and_old_sigmoid_workdirs_have_no_queue():
+    sigmoid = config_lib.load_config("configs/ctglip_ablations.py:sigmoid,runlocal")
+    assert set(objective.init_queue(sigmoid, 4)) == {"organ"}  # the sigmoid ablation: the same queue
+    del sigmoid.loss["sigmoid_queue"]  # a sigmoid workdir from before the field: batch-only, as it trained
+    assert objective.init_queue(sigmoid, 4) is None
+    assert objective.queue_momentum(sigmoid) is None
+    sigmoid.loss.sigmoid_queue = "yes"  # e.g. a hand-edited config.json
+    with pytest.raises(ConfigError, match="sigmoid_queue"):
+        objective.uses_queue(sigmoid)
     off = config_lib.load_config("configs/clip_vit.py:runlocal", ["--config.loss.queue_size=0"])
     assert objective.init_queue(off, 4) is None
     clip = objective.init_queue(config_lib.load_config("configs/clip_vit.py:runlocal"), 4)
