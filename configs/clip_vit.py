@@ -52,14 +52,14 @@ def get_config(arg=None):
     c.loss.global_clip = 1.0
     c.loss.use_dictionary = False
     c.loss.dictionary_sample = 32 if runlocal else 128  # dictionary entries per step when the text trains
-    # Cross-step negatives (objective.init_queue): the last N (image, report) pairs for the global term and
+    # Cross-step negatives (negative_queue.py): the last N (image, report) pairs for the global term and
     # the last N organ slots for the abnormality term; at batch 4 CLIP otherwise has three negatives a step
     # and sits at chance. 0 = off. CT-GLIP and CLIP both get it: equal compute.
     c.loss.queue_size = 256 if runlocal else 4096
     # The queue's candidates from an EMA ("momentum") copy of both towers, MoCo / ALBEF style
-    # (objective.queue_momentum); off in runlocal: one more forward a step, no effect measured at batch 4.
+    # (negative_queue.py); off in runlocal: one more forward a step, no effect measured at batch 4.
     c.loss.queue_momentum = 0.0 if runlocal else 0.995
-    # With kind = "sigmoid" the SigLIP terms take the same queue and keys (objective.uses_queue), so the
+    # With kind = "sigmoid" the SigLIP terms take the same queue and keys (negative_queue.uses_queue), so the
     # sigmoid ablation changes the loss form only; False = batch-only sigmoid terms (workdirs before it).
     c.loss.sigmoid_queue = True
 

@@ -62,8 +62,8 @@ class TrainState:
     params: PyTree
     opt_state: PyTree
     rng: jax.Array
-    queue: PyTree = None  # cross-step negatives (objective.init_queue); None: no queue (old checkpoints too)
-    momentum_params: PyTree = None  # the queue's momentum encoder (objective.queue_momentum); None: none
+    queue: PyTree = None  # cross-step negatives (negative_queue.py); None: no queue (old checkpoints too)
+    momentum_params: PyTree = None  # the queue's momentum encoder (negative_queue.queue_momentum); None: none
 
     @classmethod
     def create(

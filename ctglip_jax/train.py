@@ -37,6 +37,7 @@ from ctglip_jax import (
     evals,
     finding_keys,
     joint_text,
+    negative_queue,
     objective,
     optim,
     pretrained,
@@ -386,7 +387,7 @@ def make_step_functions(
     tx = optim.make_optimizer(objective.optimizer_config(config))
     loss_fn = objective.make_loss_fn(model, config)
     objective_with_queue = objective.make_objective(model, config)
-    momentum = objective.queue_momentum(config)
+    momentum = negative_queue.queue_momentum(config)
     nan_step = int(config.get("debug_nan_step", -1))
     if joint_text.trainable_layers(config) and init_text is None:
         bert, full, _ = joint_text.load_bert(config.text.model_dir or None)
@@ -397,7 +398,7 @@ def make_step_functions(
         params = objective.init_params(model, init_rng, init_inputs)
         if text_params is not None:
             params = {**params, "text_tower": {"bert": jax.tree.map(jnp.asarray, text_params)}}
-        queue = objective.init_queue(config, int(config.model.embed_dim))
+        queue = negative_queue.init_queue(config, int(config.model.embed_dim))
         return optim.TrainState.create(params, tx, state_rng, queue, momentum=momentum is not None)
 
     def objective_fn(params, batch, consts, rng, step, queue, momentum_params):
@@ -419,10 +420,10 @@ def make_step_functions(
             "grad_norm": optim_global_norm(grads),
             "lr": optim.learning_rate(config.optim, state.step),
         }
-        queue = objective.push_queue(state.queue, entries)
+        queue = negative_queue.push_queue(state.queue, entries)
         momentum_params = state.momentum_params
         if momentum is not None:
-            momentum_params = objective.momentum_update(momentum_params, params, momentum)
+            momentum_params = negative_queue.momentum_update(momentum_params, params, momentum)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, queue=queue,
                              momentum_params=momentum_params), metrics
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 from test_losses import _equivalent, _log_softmax, _unit, _unknown, make_batch
 
-from ctglip_jax import config_lib, losses, objective, optim
+from ctglip_jax import config_lib, losses, negative_queue, optim
 from ctglip_jax.errors import ConfigError
 
 
@@ -152,21 +152,22 @@ def test_momentum_keys_are_the_candidates(seed):
 
 
 def test_momentum_encoder_is_an_ema_in_the_train_state():
-    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py")) == 0.995  # reference: on
-    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal")) is None
+    momentum = negative_queue.queue_momentum
+    assert momentum(config_lib.load_config("configs/clip_vit.py")) == 0.995  # reference: on
+    assert momentum(config_lib.load_config("configs/clip_vit.py:runlocal")) is None
     on = ["--config.loss.queue_momentum=0.99"]
-    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal", on)) == 0.99
+    assert momentum(config_lib.load_config("configs/clip_vit.py:runlocal", on)) == 0.99
     no_queue = [*on, "--config.loss.queue_size=0"]
-    assert objective.queue_momentum(config_lib.load_config("configs/clip_vit.py:runlocal", no_queue)) is None
+    assert momentum(config_lib.load_config("configs/clip_vit.py:runlocal", no_queue)) is None
     old = config_lib.load_config("configs/clip_vit.py")
     del old.loss["queue_momentum"]  # a workdir's config from before the field: a memory bank, as it trained
-    assert objective.queue_momentum(old) is None
+    assert negative_queue.queue_momentum(old) is None
     with pytest.raises(ConfigError, match="queue_momentum"):
-        objective.queue_momentum(config_lib.load_config("configs/clip_vit.py",
+        negative_queue.queue_momentum(config_lib.load_config("configs/clip_vit.py",
                                                         ["--config.loss.queue_momentum=1.0"]))
     params = {"w": jnp.arange(3.0), "b": {"x": jnp.ones(())}}
     online = {"w": jnp.full(3, 10.0), "b": {"x": jnp.zeros(())}}
-    ema = objective.momentum_update(params, online, 0.9)
+    ema = negative_queue.momentum_update(params, online, 0.9)
     np.testing.assert_allclose(ema["w"], 0.9 * np.arange(3.0) + 0.1 * 10.0, rtol=1e-6)
     np.testing.assert_allclose(ema["b"]["x"], 0.9, rtol=1e-6)
     state = optim.TrainState.create(params, optax.sgd(0.1), jax.random.PRNGKey(0), None, momentum=True)
@@ -178,7 +179,7 @@ def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
     config = config_lib.load_config(
         "configs/ctglip_ablations.py:plus_global,runlocal", ["--config.loss.queue_size=5"]
     )
-    queue = objective.init_queue(config, 2)
+    queue = negative_queue.init_queue(config, 2)
     assert set(queue) == {"global", "organ"} and not queue["organ"]["valid"].any()
     for step in range(3):
         entries = {
@@ -188,7 +189,7 @@ def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
             "global": {"image_emb": jnp.full((1, 2), step), "text_emb": jnp.full((1, 2), step),
                        "valid": jnp.ones(1, bool)},
         }  # fmt: skip
-        queue = objective.push_queue(queue, entries)
+        queue = negative_queue.push_queue(queue, entries)
     np.testing.assert_array_equal(queue["organ"]["key"], [2, 2, 1, 1, 0])  # newest first, oldest dropped
     np.testing.assert_array_equal(queue["organ"]["valid"], [True, True, True, False, True])
     np.testing.assert_array_equal(queue["global"]["image_emb"][:, 0], [2, 1, 0, 0, 0])
@@ -205,14 +206,14 @@ def test_queue_is_a_fifo_newest_first_and_carries_no_gradient():
 
 def test_zero_size_and_old_sigmoid_workdirs_have_no_queue():
     sigmoid = config_lib.load_config("configs/ctglip_ablations.py:sigmoid,runlocal")
-    assert set(objective.init_queue(sigmoid, 4)) == {"organ"}  # the sigmoid ablation: the same queue
+    assert set(negative_queue.init_queue(sigmoid, 4)) == {"organ"}  # the sigmoid ablation: the same queue
     del sigmoid.loss["sigmoid_queue"]  # a sigmoid workdir from before the field: batch-only, as it trained
-    assert objective.init_queue(sigmoid, 4) is None
-    assert objective.queue_momentum(sigmoid) is None
+    assert negative_queue.init_queue(sigmoid, 4) is None
+    assert negative_queue.queue_momentum(sigmoid) is None
     sigmoid.loss.sigmoid_queue = "yes"  # e.g. a hand-edited config.json
     with pytest.raises(ConfigError, match="sigmoid_queue"):
-        objective.uses_queue(sigmoid)
+        negative_queue.uses_queue(sigmoid)
     off = config_lib.load_config("configs/clip_vit.py:runlocal", ["--config.loss.queue_size=0"])
-    assert objective.init_queue(off, 4) is None
-    clip = objective.init_queue(config_lib.load_config("configs/clip_vit.py:runlocal"), 4)
+    assert negative_queue.init_queue(off, 4) is None
+    clip = negative_queue.init_queue(config_lib.load_config("configs/clip_vit.py:runlocal"), 4)
     assert set(clip) == {"global"} and clip["global"]["image_emb"].shape == (256, 4)

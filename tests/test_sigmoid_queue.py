@@ -10,7 +10,7 @@ import pytest
 from test_losses import _equivalent, _unit, _unknown, make_batch
 from test_queue import make_queue, momentum_keys
 
-from ctglip_jax import config_lib, losses, objective, sigmoid_queue
+from ctglip_jax import config_lib, losses, negative_queue, objective, sigmoid_queue
 
 
 def _softplus(x: float) -> float:
@@ -131,7 +131,7 @@ def test_objective_routes_sigmoid_terms_through_the_queue():
            "log_scale": jnp.float32(np.log(6.0)), "logit_bias": jnp.float32(-2.0)}
     batch = {"slot_organ": b["organs"][None], "slot_abnormal": np.where(b["normal"], 0, 1)[None],
              "slot_text_key": b["keys"][None]}
-    queue = objective.init_queue(config, d)
+    queue = negative_queue.init_queue(config, d)
     q = make_queue(0, q=6, d=d)
     queue = {"organ": {k: jnp.asarray(q[k]) for k in queue["organ"]},
              "global": {k: jnp.asarray(q[k]) for k in queue["global"]}}
