@@ -275,10 +275,7 @@ def clip_loss(
     img_emb = _zero_invalid(img_emb, valid)
     txt_emb = _zero_invalid(txt_emb, valid)
     d = img_emb.shape[-1]
-    queue = None if queue is None else jax.lax.stop_gradient(dict(queue))
-    q_valid = jnp.zeros((0,), bool) if queue is None else queue["valid"].astype(bool)
-    q_img = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["image_emb"], q_valid)
-    q_txt = jnp.zeros((0, d)) if queue is None else _zero_invalid(queue["text_emb"], q_valid)
+    q_valid, q_img, q_txt = global_queue_parts(queue, d)
     k = _keys(keys, {"image_emb": (img_emb, valid), "text_emb": (txt_emb, valid)})
     cols = jnp.concatenate([valid, q_valid])
     eye = jnp.eye(b, b + q_valid.shape[0], dtype=bool)
@@ -300,6 +297,16 @@ def clip_loss(
         "chance": jnp.log(jnp.maximum(jnp.sum(cols), 1).astype(jnp.float32)),
     }
     return loss, metrics
+
+
+def global_queue_parts(queue: Mapping[str, Array] | None, dim: int) -> tuple[Array, Array, Array]:
+    """The global queue's (valid, image_emb, text_emb), or empty ones (Q = 0) without a queue; invalid
+    entries zeroed, and no gradient into any of them."""
+    if queue is None:
+        return jnp.zeros((0,), bool), jnp.zeros((0, dim)), jnp.zeros((0, dim))
+    queue = jax.lax.stop_gradient(dict(queue))
+    valid = queue["valid"].astype(bool)
+    return valid, _zero_invalid(queue["image_emb"], valid), _zero_invalid(queue["text_emb"], valid)
 
 
 def _queue_parts(queue: Mapping[str, Array] | None, dim: int) -> dict[str, Array]:

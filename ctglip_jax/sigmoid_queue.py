@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 
 from ctglip_jax.losses import (
@@ -27,6 +26,7 @@ from ctglip_jax.losses import (
     _queue_parts,
     _zero_invalid,
     equivalence_matrix,
+    global_queue_parts,
     sigmoid_loss,
     unknown_pairs,
 )
@@ -44,12 +44,7 @@ def queued_sigmoid_clip_loss(
     `keys` {image_emb, text_emb} (momentum encoder) as the candidates, as in `losses.clip_loss`."""
     b, d = img_emb.shape
     valid = jnp.ones((b,), bool)
-    if queue is None:
-        q_valid, q_img, q_txt = jnp.zeros((0,), bool), jnp.zeros((0, d)), jnp.zeros((0, d))
-    else:
-        queue = jax.lax.stop_gradient(dict(queue))
-        q_valid = queue["valid"].astype(bool)
-        q_img, q_txt = _zero_invalid(queue["image_emb"], q_valid), _zero_invalid(queue["text_emb"], q_valid)
+    q_valid, q_img, q_txt = global_queue_parts(queue, d)
     k = _keys(keys, {"image_emb": (img_emb, valid), "text_emb": (txt_emb, valid)})
     cols = jnp.concatenate([valid, q_valid])
     eye = jnp.eye(b, b + q_valid.shape[0], dtype=bool)
